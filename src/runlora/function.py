@@ -1,0 +1,322 @@
+"""The LoRA op as one autograd Function that runs a planned (forward, backward) pair.
+
+What it keeps for backward: the input x (once, as given), the parameters, and with dropout one
+int seed. Never X Aᵀ (unless asked), never an ``(N, out)`` tensor, never a mask or a dropped copy
+of x: the dropout mask is regenerated in backward from the seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .planner import Plan, as_plan, cached_plan
+from .variants import BackwardVariant, ForwardVariant
+
+__all__ = ["lora_linear"]
+
+WeightFn = Callable[[], Tensor]
+
+
+# --- the products, in each layout ---------------------------------------------------------
+
+
+def _z(dy: Tensor, b: Tensor, layout: str) -> Tensor:
+    """Z = dY B, ``(N, r)``. The tuned form puts the skinny operand on the left."""
+    if layout == "tuned":
+        return (b.t() @ dy.t()).t()
+    return dy @ b
+
+
+def _la(lx: Tensor, a: Tensor) -> Tensor:
+    """L Aᵀ, ``(N, r)``."""
+    return lx @ a.t()
+
+
+def _db_from_la(dy: Tensor, la: Tensor, layout: str) -> Tensor:
+    """dYᵀ (L Aᵀ), ``(out, r)``."""
+    if layout == "tuned":
+        return (la.t() @ dy).t()
+    return dy.t() @ la
+
+
+def _merge(w: Tensor, a: Tensor, b: Tensor, s: float) -> Tensor:
+    """W + s·B A, ``(out, in)``, in a fresh buffer."""
+    return torch.addmm(w, b, a, alpha=s)
+
+
+def _addmm_into(c: Tensor, m1: Tensor, m2: Tensor, *, beta: float = 1.0, alpha: float = 1.0):
+    """c = beta·c + alpha·m1 @ m2 in place. Written as ``addmm(out=c)`` rather than ``addmm_``
+    so that FlopCounterMode, which does not know the in-place overload, counts it."""
+    return torch.addmm(c, m1, m2, beta=beta, alpha=alpha, out=c)
+
+
+# --- dropout, regenerated from a seed ------------------------------------------------------
+
+
+def _new_seed() -> int:
+    # Drawn from torch's default CPU generator, so torch.manual_seed makes runs repeatable.
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _keep_mask(x2d: Tensor, p: float, seed: int) -> Tensor:
+    """The dropout keep mask ``(N, in)`` (bool) drawn from ``seed``: same seed, same mask.
+
+    Uniforms are drawn in fp32 whatever x's dtype, so p is honoured exactly in bf16/fp16 too.
+    """
+    gen = torch.Generator(device=x2d.device)
+    gen.manual_seed(seed)
+    return torch.rand(x2d.shape, generator=gen, device=x2d.device, dtype=torch.float32) >= p
+
+
+def _apply_mask(x2d: Tensor, keep: Tensor, p: float) -> Tensor:
+    """dropout(X) = X ⊙ keep / (1 - p), in a fresh buffer."""
+    return (x2d * keep).mul_(1.0 / (1.0 - p))
+
+
+# --- forward and backward orders -----------------------------------------------------------
+
+
+def run_forward(
+    fwd: ForwardVariant,
+    x2d: Tensor,
+    w: Tensor,
+    a: Tensor,
+    b: Tensor,
+    bias: Tensor | None,
+    s: float,
+    lx: Tensor,
+) -> tuple[Tensor, Tensor | None]:
+    """Y ``(N, out)`` by order ``fwd``; ``lx`` is the LoRA branch's input (x or dropout(x)).
+
+    Returns (Y, X Aᵀ or None when the order does not form it).
+    """
+    if fwd.name == "merged":
+        return torch.nn.functional.linear(x2d, _merge(w, a, b, s), bias), None
+    if fwd.name == "merged_t":
+        wt = torch.addmm(w.t(), a.t(), b.t(), alpha=s)  # (in, out)
+        y = x2d @ wt if bias is None else torch.addmm(bias, x2d, wt)
+        return y, None
+    la = _la(lx, a)  # (N, r)
+    if fwd.name == "sequential":
+        y = torch.nn.functional.linear(x2d, w, bias)
+        return _addmm_into(y, la, b.t(), alpha=s), la
+    y = la @ b.t()  # lowrank_first: (N, out)
+    _addmm_into(y, x2d, w.t(), beta=s)
+    if bias is not None:
+        y.add_(bias)
+    return y, la
+
+
+def run_backward(
+    bwd: BackwardVariant,
+    layout: str,
+    dy: Tensor,
+    x2d: Tensor,
+    weight_fn: WeightFn,
+    a: Tensor,
+    b: Tensor,
+    s: float,
+    lx: Tensor | None,
+    drop: tuple[Tensor, float] | None,
+    la: Tensor | None,
+    need_x: bool,
+    need_lora: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dX ``(N, in)``, dA ``(r, in)``, dB ``(out, r)``) by order ``bwd``; None where not needed.
+
+    ``lx`` is the LoRA input (x or dropout(x)), ``drop`` the dropout (keep mask ``(N, in)``,
+    scale ``1 / (1 - p)``) or None, ``la`` a saved L Aᵀ or None.
+    """
+    need_z = (need_lora and bwd.da_from == "Z") or (need_x and bwd.dx == "split")
+    z = _z(dy, b, layout) if need_z else None  # (N, r)
+
+    def input_grad() -> Tensor:
+        w = weight_fn()
+        if bwd.dx == "merged":
+            return dy @ _merge(w, a, b, s)
+        dx = dy @ w  # (N, in)
+        if drop is None:
+            return _addmm_into(dx, z, a, alpha=s)
+        keep, scale = drop
+        return dx.add_((z @ a).mul_(keep), alpha=s * scale)
+
+    dx = input_grad() if need_x and bwd.dx_first else None
+    da = db = None
+    if need_lora:
+        g = dy.t() @ lx if "G" in (bwd.da_from, bwd.db_from) else None  # (out, in)
+        if bwd.da_from == "Z":
+            da = z.t() @ lx
+        else:
+            da = b.t() @ g
+        if bwd.db_from == "LA":
+            db = _db_from_la(dy, la if la is not None else _la(lx, a), layout)
+        else:
+            db = g @ a.t()
+        del g
+        da, db = da.mul_(s), db.mul_(s)
+    if need_x and not bwd.dx_first:
+        dx = input_grad()
+    return dx, da, db
+
+
+class _LoRAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, dropout, plan, keep_la, quant):
+        fwd, bwd, layout = plan.forward_variant, plan.backward_variant, plan.layout
+        in_features = x.shape[-1]
+        x2d = x.reshape(-1, in_features)
+        w = weight if quant is None else quant.dequantize()
+        seed = None
+        lx = x2d
+        if dropout > 0.0:
+            seed = _new_seed()
+            lx = _apply_mask(x2d, _keep_mask(x2d, dropout, seed), dropout)
+        y, la = run_forward(fwd, x2d, w, lora_a, lora_b, bias, scaling, lx)
+        del w, lx
+        ctx.save_for_backward(x, weight, lora_a, lora_b, la if keep_la else None)
+        ctx.scaling, ctx.dropout, ctx.seed = scaling, dropout, seed
+        ctx.bwd, ctx.layout, ctx.quant = bwd, layout, quant
+        ctx.has_bias = bias is not None
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_a, lora_b, la = ctx.saved_tensors
+        need_x, _, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        in_features = x.shape[-1]
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        x2d = x.reshape(-1, in_features)
+        drop = None
+        lx = x2d
+        if ctx.dropout > 0.0:
+            keep = _keep_mask(x2d, ctx.dropout, ctx.seed)
+            lx = _apply_mask(x2d, keep, ctx.dropout)
+            drop = (keep, 1.0 / (1.0 - ctx.dropout))
+        quant = ctx.quant
+
+        def weight_fn() -> Tensor:
+            return weight if quant is None else quant.dequantize()
+
+        dx, da, db = run_backward(
+            ctx.bwd, ctx.layout, dy, x2d, weight_fn, lora_a, lora_b, ctx.scaling, lx, drop, la,
+            need_x, need_a or need_b,
+        )
+        dbias = dy.sum(0) if need_bias else None
+        if dx is not None:
+            dx = dx.reshape(x.shape)
+        return dx, None, da if need_a else None, db if need_b else None, dbias, *([None] * 5)
+
+
+def _check(x, weight, lora_a, lora_b, bias, scaling, dropout) -> None:
+    tensors = {"x": x, "weight": weight, "lora_A": lora_a, "lora_B": lora_b}
+    if bias is not None:
+        tensors["bias"] = bias
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2:
+        raise ValueError(
+            "weight, lora_A and lora_B must be 2-D: weight (out, in), lora_A (r, in), "
+            f"lora_B (out, r); got {tuple(weight.shape)}, {tuple(lora_a.shape)}, "
+            f"{tuple(lora_b.shape)}"
+        )
+    out_f, in_f = weight.shape
+    r = lora_a.shape[0]
+    if r < 1:
+        raise ValueError("r must be a positive int, got 0 (lora_A has no rows)")
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(f"x must have shape (..., {in_f}) to match weight (out, in) = "
+                         f"({out_f}, {in_f}); got {tuple(x.shape)}")
+    if tuple(lora_a.shape) != (r, in_f):
+        raise ValueError(f"lora_A must have shape (r, in) = ({r}, {in_f}), got {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (out_f, r):
+        raise ValueError(
+            f"lora_B must have shape (out, r) = ({out_f}, {r}) to match weight {tuple(weight.shape)} "
+            f"and lora_A {tuple(lora_a.shape)}; got {tuple(lora_b.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"bias must have shape (out,) = ({out_f},), got {tuple(bias.shape)}")
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if not x.is_floating_point() or len(set(dtypes.values())) != 1:
+        raise TypeError(
+            "x, weight, lora_A, lora_B and bias must share one floating dtype, got "
+            + ", ".join(f"{k}={v}" for k, v in dtypes.items())
+            + "; cast them with .to(dtype) first"
+        )
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(
+            "x, weight, lora_A, lora_B and bias must be on one device, got "
+            + ", ".join(f"{k}={v}" for k, v in devices.items())
+        )
+    if weight.requires_grad:
+        raise ValueError(
+            "weight requires grad, but runlora's op keeps the base weight frozen; call "
+            "weight.requires_grad_(False) (the LoRA parameters are lora_A and lora_B)"
+        )
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite float, got {scaling!r}")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    bias: Tensor | None = None,
+    *,
+    scaling: float = 1.0,
+    dropout: float = 0.0,
+    training: bool = True,
+    plan: Plan | tuple[str, str] | None = None,
+    keep_xa: bool = False,
+    quant=None,
+) -> Tensor:
+    """``F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropout(x), lora_A), lora_B)``.
+
+    One autograd op that runs the planned computation order, exact to plain autograd.
+
+    Args:
+        x: input, shape ``(..., in)``; any number of leading dims, contiguous or not.
+        weight: frozen base weight, shape ``(out, in)``; used as it is (never copied). Must not
+            require grad.
+        lora_A: shape ``(r, in)``.
+        lora_B: shape ``(out, r)``.
+        bias: optional, shape ``(out,)``; may be trainable.
+        scaling: s in ``Y = X Wᵀ + s·(X Aᵀ) Bᵀ`` (``lora_alpha / r``, or ``/ sqrt(r)`` for rsLoRA).
+        dropout: probability on the LoRA branch's input only (PEFT's semantics, kept inputs scaled
+            by ``1 / (1 - p)``), applied only when ``training``. The mask is regenerated in
+            backward from a seed, never stored.
+        training: as in ``F.dropout``.
+        plan: a ``runlora.Plan``, a ``(forward_name, backward_name)`` tuple, or None to plan this
+            shape by FLOPs (cached per shape).
+        keep_xa: save the ``(N, r)`` X Aᵀ from forward instead of recomputing it in backward.
+        quant: internal; a quantized base weight provider (see ``runlora.quant``).
+
+    Returns:
+        Tensor of shape ``(..., out)``.
+    """
+    if quant is None:
+        _check(x, weight, lora_A, lora_B, bias, scaling, dropout)
+    else:
+        quant.check(x, lora_A, lora_B, bias)
+    p = float(dropout) if training else 0.0
+    needs_x = x.requires_grad and torch.is_grad_enabled()
+    n = max(1, x.numel() // x.shape[-1])
+    out_f, in_f = (weight.shape if quant is None else quant.shape)
+    if plan is None:
+        plan = cached_plan(
+            n, in_f, out_f, lora_A.shape[0], needs_x, bias is not None, p > 0.0,
+            quant is not None, x.dtype, x.device.type,
+        )
+    else:
+        plan = as_plan(plan, dropout=p > 0.0)
+    return _LoRAFunction.apply(
+        x, weight, lora_A, lora_B, bias, float(scaling), p, plan, keep_xa, quant
+    )
