@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .planner import Plan, as_plan, cached_plan
+from .planner import Plan, as_plan, plan_for
 from .variants import BackwardVariant, ForwardVariant
 
 __all__ = ["lora_linear"]
@@ -311,9 +311,9 @@ def lora_linear(
     n = max(1, x.numel() // x.shape[-1])
     out_f, in_f = (weight.shape if quant is None else quant.shape)
     if plan is None:
-        plan = cached_plan(
-            n, in_f, out_f, lora_A.shape[0], needs_x, bias is not None, p > 0.0,
-            quant is not None, x.dtype, x.device.type,
+        plan = plan_for(
+            n, in_f, out_f, lora_A.shape[0], needs_input_grad=needs_x, bias=bias is not None,
+            dropout=p, dtype=x.dtype, device=x.device, quantized=quant is not None,
         )
     else:
         plan = as_plan(plan, dropout=p > 0.0)

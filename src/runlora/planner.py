@@ -25,7 +25,10 @@ from .variants import (
     resolve_forward,
 )
 
-__all__ = ["Plan", "plan_layer", "CRITERIA", "candidates", "pair_cost", "as_plan"]
+__all__ = [
+    "Plan", "plan_layer", "plan_for", "bucket_tokens", "CRITERIA", "candidates", "pair_cost",
+    "as_plan",
+]
 
 
 @dataclass(frozen=True)
@@ -214,10 +217,47 @@ def plan_layer(
     return min(scored, key=lambda sp: sp[0])[1]
 
 
-@functools.lru_cache(maxsize=4096)
-def cached_plan(n, in_f, out_f, r, needs_x, bias, dropout, quantized, dtype, device_type) -> Plan:
-    """``plan_layer`` by FLOPs, memoised per shape for the op's ``plan=None`` path."""
+def bucket_tokens(n_tokens: int) -> int:
+    """The token-count bucket a plan is shared over: N rounded up to the next of four steps per
+    power of two (…, 256, 320, 384, 448, 512, 640, …). Exact below 64 tokens.
+
+    Which order wins changes only where N crosses a ratio of in, out and r, so a plan made at the
+    bucket's top holds for every N in it to within a few percent of the cost, and a new sequence
+    length costs no new planning in the hot path.
+    """
+    if n_tokens <= 64:
+        return n_tokens
+    top = 1 << (n_tokens - 1).bit_length()  # next power of two >= n
+    step = top // 8
+    return -(-n_tokens // step) * step
+
+
+def plan_for(
+    n_tokens: int,
+    in_features: int,
+    out_features: int,
+    r: int,
+    *,
+    criterion: str = "flops",
+    needs_input_grad: bool = True,
+    bias: bool = False,
+    dropout: float = 0.0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    quantized: bool = False,
+) -> Plan:
+    """``plan_layer`` for the hot path: N is bucketed (``bucket_tokens``) and plans are memoised
+    in-process, so a layer calls this on every forward at the cost of a dict lookup."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return _memo_plan(
+        bucket_tokens(max(1, n_tokens)), in_features, out_features, r, criterion,
+        bool(needs_input_grad), bool(bias), dropout > 0.0, dtype, str(dev), bool(quantized),
+    )
+
+
+@functools.lru_cache(maxsize=8192)
+def _memo_plan(n, in_f, out_f, r, criterion, needs_x, bias, dropout, dtype, device, quantized):
     return plan_layer(
-        n, in_f, out_f, r, needs_input_grad=needs_x, bias=bias, dropout=0.1 if dropout else 0.0,
-        dtype=dtype, device=device_type, quantized=quantized,
+        n, in_f, out_f, r, criterion=criterion, needs_input_grad=needs_x, bias=bias,
+        dropout=0.1 if dropout else 0.0, dtype=dtype, device=device, quantized=quantized,
     )
