@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache import default_cache, plan_key
 from .variants import (
     BACKWARD_VARIANTS,
     FORWARD_VARIANTS,
@@ -26,7 +27,13 @@ from .variants import (
 )
 
 __all__ = [
-    "Plan", "plan_layer", "plan_for", "bucket_tokens", "CRITERIA", "candidates", "pair_cost",
+    "Plan",
+    "plan_layer",
+    "plan_for",
+    "bucket_tokens",
+    "CRITERIA",
+    "candidates",
+    "pair_cost",
     "as_plan",
 ]
 
@@ -111,7 +118,8 @@ def as_plan(plan: Plan | tuple[str, str] | list, *, dropout: bool = False) -> Pl
         result = Plan(*plan)
     else:
         raise TypeError(
-            f"plan must be a runlora.Plan, a (forward_name, backward_name) tuple or None, got {plan!r}"
+            "plan must be a runlora.Plan, a (forward_name, backward_name) tuple or None, "
+            f"got {plan!r}"
         )
     _check_dropout(result, dropout)
     return result
@@ -158,7 +166,12 @@ def _by_flops(problem, pairs, dtype, device):
     for fwd, bwd in pairs:
         cost = pair_cost(fwd, bwd, problem)
         plan = Plan(
-            fwd.name, bwd.name, "tuned", cost.flops, cost.bytes(size), "flops",
+            fwd.name,
+            bwd.name,
+            "tuned",
+            cost.flops,
+            cost.bytes(size),
+            "flops",
             reason=f"fewest FLOPs ({cost.flops:.3g}), then fewest bytes, then lowest peak",
         )
         scored.append(((cost.flops, cost.bytes(size), cost.peak_elements), plan))
@@ -202,18 +215,43 @@ def plan_layer(
     """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; known: {', '.join(CRITERIA)}")
-    for name, value in (("n_tokens", n_tokens), ("in_features", in_features),
-                        ("out_features", out_features), ("r", r)):
+    for name, value in (
+        ("n_tokens", n_tokens),
+        ("in_features", in_features),
+        ("out_features", out_features),
+        ("r", r),
+    ):
         _positive(name, value)
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
     problem = Problem(
-        n_tokens, in_features, out_features, r,
-        needs_input_grad=bool(needs_input_grad), bias=bool(bias), bias_grad=False,
-        dropout=dropout > 0.0, quantized=bool(quantized),
+        n_tokens,
+        in_features,
+        out_features,
+        r,
+        needs_input_grad=bool(needs_input_grad),
+        bias=bool(bias),
+        bias_grad=False,
+        dropout=dropout > 0.0,
+        quantized=bool(quantized),
     )
-    dev = torch.device(device).type if device is not None else "cpu"
-    scored = CRITERIA[criterion](problem, list(candidates(problem)), dtype, dev)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if criterion == "flops":  # cheap and device-free: never cached on disk
+        return _best(CRITERIA[criterion](problem, list(candidates(problem)), dtype, dev))
+    cache = default_cache()
+    key = plan_key(problem, criterion, dev, dtype or torch.float32)
+    hit = cache.get("plans", key)
+    if hit is not None:
+        try:
+            return Plan.from_dict(hit)
+        except (TypeError, ValueError):
+            pass  # an entry from another runlora version: plan again and overwrite it
+    plan = _best(CRITERIA[criterion](problem, list(candidates(problem)), dtype, dev))
+    cache.put("plans", key, plan.to_dict())
+    return plan
+
+
+def _best(scored: list) -> Plan:
     return min(scored, key=lambda sp: sp[0])[1]
 
 
@@ -250,14 +288,32 @@ def plan_for(
     in-process, so a layer calls this on every forward at the cost of a dict lookup."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return _memo_plan(
-        bucket_tokens(max(1, n_tokens)), in_features, out_features, r, criterion,
-        bool(needs_input_grad), bool(bias), dropout > 0.0, dtype, str(dev), bool(quantized),
+        bucket_tokens(max(1, n_tokens)),
+        in_features,
+        out_features,
+        r,
+        criterion,
+        bool(needs_input_grad),
+        bool(bias),
+        dropout > 0.0,
+        dtype,
+        str(dev),
+        bool(quantized),
     )
 
 
 @functools.lru_cache(maxsize=8192)
 def _memo_plan(n, in_f, out_f, r, criterion, needs_x, bias, dropout, dtype, device, quantized):
     return plan_layer(
-        n, in_f, out_f, r, criterion=criterion, needs_input_grad=needs_x, bias=bias,
-        dropout=0.1 if dropout else 0.0, dtype=dtype, device=device, quantized=quantized,
+        n,
+        in_f,
+        out_f,
+        r,
+        criterion=criterion,
+        needs_input_grad=needs_x,
+        bias=bias,
+        dropout=0.1 if dropout else 0.0,
+        dtype=dtype,
+        device=device,
+        quantized=quantized,
     )

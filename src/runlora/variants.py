@@ -169,19 +169,31 @@ FORWARD_VARIANTS: dict[str, ForwardVariant] = {
     v.name: v
     for v in (
         ForwardVariant(
-            "merged", "F2", True, "Y = X (W + s·B A)ᵀ: one GEMM on a merged weight",
+            "merged",
+            "F2",
+            True,
+            "Y = X (W + s·B A)ᵀ: one GEMM on a merged weight",
             _forward_merged_cost,
         ),
         ForwardVariant(
-            "merged_t", "F4", True, "Y = X (Wᵀ + s·Aᵀ Bᵀ): merged weight built as (in, out)",
+            "merged_t",
+            "F4",
+            True,
+            "Y = X (Wᵀ + s·Aᵀ Bᵀ): merged weight built as (in, out)",
             _forward_merged_cost,
         ),
         ForwardVariant(
-            "sequential", "F1", False, "Y = X Wᵀ, then Y += s·(X Aᵀ) Bᵀ",
+            "sequential",
+            "F1",
+            False,
+            "Y = X Wᵀ, then Y += s·(X Aᵀ) Bᵀ",
             _forward_split_cost,
         ),
         ForwardVariant(
-            "lowrank_first", "F3", False, "Y = s·(X Aᵀ) Bᵀ, then Y += X Wᵀ",
+            "lowrank_first",
+            "F3",
+            False,
+            "Y = s·(X Aᵀ) Bᵀ, then Y += X Wᵀ",
             _forward_split_cost,
         ),
     )
@@ -242,7 +254,9 @@ class BackwardVariant:
             peak = o * i
         if p.needs_lora_grad:
             prods.append(
-                Product("dA = Zᵀ L", r, i, n) if self.da_from == "Z" else Product("dA = Bᵀ G", r, i, o)
+                Product("dA = Zᵀ L", r, i, n)
+                if self.da_from == "Z"
+                else Product("dA = Bᵀ G", r, i, o)
             )
             prods.append(
                 Product("dB = dYᵀ (L Aᵀ)", o, r, n)
@@ -312,5 +326,5 @@ def resolve_forward(name: str) -> ForwardVariant:
 
 
 def resolve_backward(name: str) -> BackwardVariant:
-    """The backward variant called ``name`` (``"recompute_merged"``) or its paper name (``"B5"``)."""
+    """The backward variant called ``name`` (``"recompute_merged"``) or by paper name (``"B5"``)."""
     return _resolve(name, BACKWARD_VARIANTS, _BACKWARD_ALIASES, "backward")

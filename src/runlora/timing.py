@@ -1,0 +1,161 @@
+"""Measuring the variants on the real device: the ``"time"`` criterion and its helpers.
+
+Forward and backward are independent halves of a pair, so each half's candidates are timed
+alone (``run_forward`` / ``run_backward`` on synthetic tensors of the real shape, dtype and device)
+and the best pair is the best forward plus the best backward. Candidates are first ranked by the
+roofline model and only those within ``PRUNE`` of the best prediction are timed, so planning a
+large layer costs a handful of runs, not sixty-four.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from .function import run_backward, run_forward
+from .planner import Plan, pair_cost, register_criterion
+from .variants import LAYOUTS, Problem
+
+__all__ = ["time_call", "measure_halves", "TIME_BUDGET_S"]
+
+#: seconds of measurement per layer shape for the "time" criterion (RUNLORA_TIME_BUDGET overrides).
+TIME_BUDGET_S = float(os.environ.get("RUNLORA_TIME_BUDGET", "2.0"))
+#: time only candidates predicted within this factor of the best prediction.
+PRUNE = 1.25
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(
+    fn: Callable[[], object], device: torch.device, budget_s: float, max_reps: int = 25
+) -> float:
+    """Median milliseconds of ``fn()`` after one warm-up, repeated within ``budget_s`` (≥ 1 run).
+
+    When the warm-up alone takes the whole budget, its time is the answer (large shapes on CPU).
+    """
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - t0
+    if first > budget_s:
+        return first * 1e3
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s and len(times) >= 1:
+            break
+    return statistics.median(times) * 1e3
+
+
+def _operands(problem: Problem, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n, i, o, r = problem.n, problem.in_features, problem.out_features, problem.r
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    x, w, a, b, dy = rnd(n, i), rnd(o, i), rnd(r, i), rnd(o, r), rnd(n, o)
+    bias = rnd(o) if problem.bias else None
+    return x, w, a, b, dy, bias
+
+
+def measure_halves(
+    problem: Problem,
+    forwards: list,
+    backwards: list,
+    dtype: torch.dtype,
+    device: torch.device,
+    budget_s: float,
+) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
+    """Median ms of each forward variant and each (backward variant, layout) on ``problem``."""
+    x, w, a, b, dy, bias = _operands(problem, dtype, device)
+    lx = x
+    drop = None
+    if problem.dropout:
+        keep = torch.rand(x.shape, device=device) >= 0.1
+        lx = (x * keep) / 0.9
+        drop = (keep, 1 / 0.9)
+    share = budget_s / max(1, len(forwards) + len(backwards))
+    fwd_ms = {}
+    with torch.no_grad():
+        for fwd in forwards:
+            fwd_ms[fwd.name] = time_call(
+                lambda fwd=fwd: run_forward(fwd, x, w, a, b, bias, 1.0, lx), device, share
+            )
+        bwd_ms = {}
+        for bwd, layout in backwards:
+            bwd_ms[(bwd.name, layout)] = time_call(
+                lambda bwd=bwd, layout=layout: run_backward(
+                    bwd,
+                    layout,
+                    dy,
+                    x,
+                    lambda: w,
+                    a,
+                    b,
+                    1.0,
+                    lx,
+                    drop,
+                    None,
+                    problem.needs_input_grad,
+                    problem.needs_lora_grad,
+                ),
+                device,
+                share,
+            )
+    return fwd_ms, bwd_ms
+
+
+@register_criterion("time")
+def _by_time(problem, pairs, dtype, device):
+    from .roofline import predict_halves
+
+    dev = torch.device(device)
+    dtype = dtype or torch.float32
+    fwd_pred, bwd_pred = predict_halves(problem, pairs, dtype, dev)
+    best_f = min(fwd_pred.values())
+    best_b = min(bwd_pred.values())
+    forwards = {f.name: f for f, _ in pairs}
+    backwards = {b.name: b for _, b in pairs}
+    # dX-first twins run the same products: time one of each, keep the lower-peak twin.
+    timed_f = [forwards[k] for k, v in fwd_pred.items() if v <= PRUNE * best_f]
+    timed_b = [
+        (backwards[k], lay)
+        for (k, lay), v in bwd_pred.items()
+        if v <= PRUNE * best_b and not backwards[k].dx_first
+    ]
+    fwd_ms, bwd_ms = measure_halves(problem, timed_f, timed_b, dtype, dev, TIME_BUDGET_S)
+    scored = []
+    for fwd, bwd in pairs:
+        base = bwd.name.removesuffix("_dx_first")
+        for layout in LAYOUTS:
+            if fwd.name not in fwd_ms or (base, layout) not in bwd_ms:
+                continue
+            ms = fwd_ms[fwd.name] + bwd_ms[(base, layout)]
+            cost = pair_cost(fwd, bwd, problem)
+            pred = fwd_pred[fwd.name] + bwd_pred[(bwd.name, layout)]
+            plan = Plan(
+                fwd.name,
+                bwd.name,
+                layout,
+                cost.flops,
+                cost.bytes(dtype.itemsize),
+                "time",
+                predicted_ms=round(pred, 4),
+                measured_ms=round(ms, 4),
+                reason=f"fastest measured of {len(fwd_ms)} forward x {len(bwd_ms)} backward "
+                f"candidates: {ms:.3f} ms",
+            )
+            scored.append(((ms, cost.peak_elements, cost.flops), plan))
+    return scored
