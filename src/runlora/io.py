@@ -1,0 +1,227 @@
+"""Adapters on disk in PEFT's format, both ways.
+
+A directory holds ``adapter_config.json`` (PEFT's ``LoraConfig`` fields, ``peft_type`` "LORA")
+and ``adapter_model.safetensors`` with PEFT's keys:
+
+    base_model.model.<path>.lora_A.weight         (r, in)
+    base_model.model.<path>.lora_B.weight         (out, r)
+    base_model.model.<path>.base_layer.bias       bias="lora_only"/"all": an adapted layer's bias
+    base_model.model.<path>.bias                  bias="all": any other bias
+    base_model.model.<path>.<param>               modules_to_save: the trained module's tensors
+
+Since runlora's module tree is PEFT's (see ``runlora.model``), a file key is a state-dict key with
+the adapter name (``.default``) dropped. Saving is atomic: both files are written to temporary
+files in the target directory and moved into place with ``os.replace``, so a crash while writing
+leaves the previous adapter as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import LoraConfig
+from .layer import RunLoRALinear
+from .model import ADAPTER, ModulesToSave, RunLoRAModel, get_runlora_model
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "adapter_state_dict",
+    "save_adapter",
+    "load_adapter_weights",
+    "load_runlora_model",
+    "read_config",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_BIN_NAME = "adapter_model.bin"
+_INFIX = {
+    ".modules_to_save.default.": ".",
+    ".lora_A.default.": ".lora_A.",
+    ".lora_B.default.": ".lora_B.",
+}
+
+
+def _file_key(state_key: str) -> str:
+    for infix, repl in _INFIX.items():
+        state_key = state_key.replace(infix, repl)
+    return state_key
+
+
+def adapter_state_dict(model: RunLoRAModel) -> dict[str, Tensor]:
+    """The tensors PEFT would save for ``model``, under PEFT's file keys."""
+    config = model.peft_config[ADAPTER]
+    keep: set[str] = set()
+    names = dict(model.named_modules())
+    for name, module in names.items():
+        if isinstance(module, RunLoRALinear):
+            keep |= {f"{name}.lora_A.{ADAPTER}.weight", f"{name}.lora_B.{ADAPTER}.weight"}
+            if config.bias == "lora_only" and module.base_layer.bias is not None:
+                keep.add(f"{name}.base_layer.bias")
+        elif isinstance(module, ModulesToSave):
+            prefix = f"{name}.modules_to_save.{ADAPTER}."
+            keep |= {prefix + k for k, _ in module.modules_to_save[ADAPTER].named_parameters()}
+    if config.bias == "all":
+        keep |= {
+            n
+            for n, _ in model.named_parameters()
+            if n.endswith("bias") and ".original_module." not in n
+        }
+    state = model.state_dict(keep_vars=True)
+    return {_file_key(k): state[k].detach() for k in sorted(keep)}
+
+
+def _write_weights(tensors: dict[str, Tensor], path: str) -> None:
+    save_file(
+        {k: v.contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"}
+    )
+
+
+def _write_config(data: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def save_adapter(model: RunLoRAModel, directory: str | os.PathLike) -> None:
+    """Save ``model``'s adapter to ``directory`` in PEFT's format, atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.peft_config[ADAPTER]
+    data = {**config.to_peft_dict(), "inference_mode": True}
+    base = model.get_base_model()
+    data["base_model_name_or_path"] = (
+        config.base_model_name_or_path
+        or getattr(getattr(base, "config", None), "_name_or_path", None)
+        or None
+    )
+    temps: dict[str, str] = {}
+    try:
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            fd, temps[name] = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+        _write_weights(adapter_state_dict(model), temps[WEIGHTS_NAME])
+        _write_config(data, temps[CONFIG_NAME])
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(temps.pop(name), directory / name)
+    finally:
+        for temp in temps.values():
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+
+
+def read_config(directory: str | os.PathLike, **overrides) -> LoraConfig:
+    """The ``LoraConfig`` in ``directory/adapter_config.json`` (written by runlora or PEFT)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no adapter config at {path}: is {directory} an adapter "
+            "directory written by save_pretrained?"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{path} is not a readable JSON adapter config ({err}); save the adapter again"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return LoraConfig.from_peft_dict(data, source=str(path), **overrides)
+
+
+def _read_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
+    path = directory / WEIGHTS_NAME
+    try:
+        if path.is_file():
+            return load_file(str(path)), path
+        if (directory / _BIN_NAME).is_file():
+            path = directory / _BIN_NAME
+            return torch.load(path, map_location="cpu", weights_only=True), path
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"{path} is not a readable adapter weights file ({err}); save the adapter again"
+        ) from None
+    raise FileNotFoundError(
+        f"no adapter weights at {directory / WEIGHTS_NAME} (nor "
+        f"{_BIN_NAME}): the adapter directory is incomplete"
+    )
+
+
+def _state_key(file_key: str, wrappers: set[str]) -> str | None:
+    """The model state-dict key for a file key; None for keys PEFT writes but nobody reads."""
+    if ".original_module." in file_key:
+        return None
+    for end in (".lora_A.weight", ".lora_B.weight"):
+        if file_key.endswith(end):
+            return file_key[: -len(".weight")] + f".{ADAPTER}.weight"
+    file_key = file_key.replace(".modules_to_save.", ".")  # PEFT's bias="all" quirk
+    for wrapper in wrappers:
+        if file_key.startswith(wrapper + "."):
+            return f"{wrapper}.modules_to_save.{ADAPTER}.{file_key[len(wrapper) + 1 :]}"
+    return file_key
+
+
+@torch.no_grad()
+def load_adapter_weights(model: RunLoRAModel, directory: str | os.PathLike) -> None:
+    """Copy the tensors of ``directory``'s adapter file into ``model``.
+
+    Raises:
+        ValueError: for a key that matches no tensor of the model, a shape that differs (naming
+            the layer and both shapes), or a LoRA tensor of the model missing from the file.
+    """
+    tensors, path = _read_weights(Path(directory))
+    wrappers = {n for n, m in model.named_modules() if isinstance(m, ModulesToSave)}
+    state = model.state_dict(keep_vars=True)
+    loaded = set()
+    for file_key, value in tensors.items():
+        key = _state_key(file_key, wrappers)
+        if key is None:
+            continue
+        if key not in state:
+            raise ValueError(
+                f"{path}: tensor {file_key!r} matches no parameter of the model "
+                "(was the adapter saved for another model, or other target_modules?)"
+            )
+        target = state[key]
+        if target.shape != value.shape:
+            layer = file_key.rsplit(".", 2)[0] if ".lora_" in file_key else file_key
+            raise ValueError(
+                f"{path}: layer {layer!r}: {file_key.rsplit('.', 2)[-2]} has shape "
+                f"{tuple(value.shape)} in the file but {tuple(target.shape)} in the model; "
+                "the adapter's r/rank_pattern or the base model differ from the ones it was "
+                "saved with"
+            )
+        target.copy_(value)
+        loaded.add(key)
+    missing = [k for k in state if ".lora_" in k and k not in loaded]
+    if missing:
+        raise ValueError(
+            f"{path} lacks {len(missing)} LoRA tensors the config asks for, e.g. "
+            f"{missing[0]!r}; the file and {CONFIG_NAME} do not belong together"
+        )
+
+
+def load_runlora_model(
+    model: nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False, **overrides
+) -> RunLoRAModel:
+    """Adapt ``model`` as ``directory``'s config says and load its tensors (runlora or PEFT).
+
+    Frozen and in eval mode unless ``is_trainable``. ``overrides`` replace config fields (e.g.
+    ``criterion="time"``).
+    """
+    config = read_config(directory, inference_mode=not is_trainable, **overrides)
+    wrapped = get_runlora_model(model, config)
+    load_adapter_weights(wrapped, directory)
+    if not is_trainable:
+        wrapped.eval()
+    return wrapped

@@ -1,0 +1,295 @@
+"""``runlora bench`` and ``runlora layer-bench``: option checks, the table math on a stubbed
+clock, and tiny end-to-end runs that write well-formed CSV, JSON and PNG. No real timing is
+asserted anywhere."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from runlora.bench import (
+    MIB,
+    Arm,
+    BenchSettings,
+    ConfigResult,
+    format_table,
+    interleave,
+    measure_arms,
+    saved_tensor_bytes,
+)
+from runlora.cli import main
+from runlora.layer_bench import LayerArm, LayerSettings, measure_layer
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: a run of a few steps: no minimum time, two timed rounds after one warm-up round.
+QUICK = ["--min-run-time", "0", "--min-rounds", "2", "--warmup", "1", "--no-progress"]
+
+
+class FakeClock:
+    """A clock that only moves when a fake step advances it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-m", "llama_6m"], "unknown model 'llama_6m'"),
+        (["-m", "llama_tiny", "--dtype", "fp16", "--device", "cpu"], "fp16 .* not supported"),
+        (["-m", "llama_tiny", "--dtype", "fp64"], "unknown dtype 'fp64'"),
+        (["-m", "llama_tiny", "--batch-size", "0"], "batch size must be an int >= 1, got 0"),
+        (["-m", "llama_tiny", "--seq-len", "129"], "above llama_tiny's max_position_embeddings"),
+        (["-m", "llama_tiny", "llama_60m", "--seq-len", "1025"], "above llama_tiny's"),
+        (["-m", "llama_tiny", "-d", "1.0"], r"dropout must be in \[0, 1\)"),
+        (["-m", "llama_tiny", "--criterions", "fastest"], "unknown criterion 'fastest'"),
+        (["-m", "llama_tiny", "--min-run-time", "-1"], "min run time must be >= 0"),
+    ],
+)
+def test_bad_options_fail_with_one_line(capsys, argv, message):
+    assert main(["bench", *argv]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("runlora bench: error: ")
+    assert __import__("re").search(message, line), line
+
+
+def test_target_that_matches_nothing_names_the_layers(capsys, tmp_path):
+    argv = [
+        "bench",
+        "-m",
+        "llama_tiny",
+        "--seq-len",
+        "16",
+        "--target-modules",
+        "qkv",
+        "-o",
+        str(tmp_path / "b"),
+    ]
+    assert main(argv) == 2
+    line = _error_line(capsys)
+    assert "'qkv' matches no linear layer" in line and "q_proj" in line
+
+
+def test_list_shows_every_shipped_config(capsys):
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("llama_9m", "llama_60m", "llama_1.3b", "llama2_7b", "roberta_large", "vit_base"):
+        assert name in out
+
+
+def test_interleave_round_robin_on_a_fake_clock():
+    clock = FakeClock()
+    order = []
+
+    def fake(name, seconds):
+        def step():
+            order.append(name)
+            clock.now += seconds
+
+        return step
+
+    times = interleave(
+        {"a": fake("a", 0.1), "b": fake("b", 0.3)},
+        warmup_rounds=1,
+        min_run_time=0.45,
+        min_rounds=2,
+        clock=clock,
+    )
+    # the fastest arm needs 5 rounds of 0.1 s to pass 0.45 s; warm-up round not recorded
+    assert times == {"a": [pytest.approx(0.1)] * 5, "b": [pytest.approx(0.3)] * 5}
+    assert order[:4] == ["a", "b", "b", "a"]  # the start rotates each round
+
+
+def _fake_arm(name, kind, clock, ms, saved_mib, exclude):
+    """A step that takes ``ms`` on ``clock`` and makes autograd save ``saved_mib`` MiB."""
+    leaves = [torch.ones(MIB // 4, requires_grad=True) for _ in range(saved_mib)]
+
+    def step():
+        clock.now += ms / 1e3
+        loss = sum((t * exclude).sum() for t in leaves) if leaves else (exclude * 2).sum()
+        loss.backward()
+        return loss
+
+    return Arm(name, kind, step, frozenset({exclude.untyped_storage().data_ptr()}))
+
+
+def test_table_math_from_measured_arms_on_a_stubbed_clock():
+    clock = FakeClock()
+    weight = torch.ones(MIB // 4, requires_grad=True)  # a "parameter": never counted
+    arms = [
+        _fake_arm("floor", "floor", clock, 100.0, 0, weight),
+        _fake_arm("peft", "peft", clock, 150.0, 3, weight),
+        _fake_arm("runlora/flops", "runlora", clock, 120.0, 1, weight),
+    ]
+    results = measure_arms(arms, warmup_rounds=1, min_run_time=0.0, min_rounds=3, clock=clock)
+    result = ConfigResult("fake", "llama", 10, 64, 3, results)
+    rows = {row["arm"]: row for row in result.rows()}
+    assert rows["runlora/flops"]["ms_mean"] == pytest.approx(120.0)
+    assert rows["runlora/flops"]["ms_std"] == pytest.approx(0.0, abs=1e-9)
+    assert rows["runlora/flops"]["x_floor"] == pytest.approx(1.2)
+    assert rows["runlora/flops"]["speedup_vs_peft_pct"] == pytest.approx(20.0)
+    assert rows["floor"]["speedup_vs_peft_pct"] == pytest.approx(100 / 3)
+    assert rows["peft"]["speedup_vs_peft_pct"] is None
+    assert rows["peft"]["saved_mib"] == pytest.approx(3.0)
+    assert rows["runlora/flops"]["saved_mib"] == pytest.approx(1.0)
+    assert rows["runlora/flops"]["saved_vs_peft_mib"] == pytest.approx(2.0)
+    assert rows["floor"]["saved_mib"] == 0.0
+    table = format_table([result], BenchSettings())
+    assert "+20.0 %" in table and "1.200" in table and "+2.0" in table
+
+
+def test_saved_bytes_count_each_storage_once_and_skip_excluded():
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(128, 64, requires_grad=True)
+
+    def step():
+        y = (x @ w).relu() * x.sum()  # x saved twice (by mm and by sum's consumer), once counted
+        y.sum().backward()
+
+    saved, _ = saved_tensor_bytes(step, exclude={w.untyped_storage().data_ptr()})
+    # x (128 x 64), relu's output (128 x 64), x.sum() (scalar): 4-byte floats
+    assert saved == (128 * 64 * 2 + 1) * 4
+
+
+@pytest.mark.slow
+def test_bench_tiny_end_to_end(tmp_path, capsys):
+    prefix = tmp_path / "out" / "tiny"
+    argv = [
+        "bench",
+        "-m",
+        "llama_tiny",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "-d",
+        "0.1",
+        "-o",
+        str(prefix),
+        *QUICK,
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "llama_tiny" in out and "runlora/flops" in out and "speedup vs PEFT" in out
+    with open(f"{prefix}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["arm"] for r in rows] == ["floor", "peft", "runlora/flops"]
+    for row in rows:
+        assert int(row["steps"]) == 2 and float(row["ms_mean"]) > 0
+        assert float(row["saved_mib"]) >= 0 and row["model"] == "llama_tiny"
+    # the same adapters on the same weights: same trainable count, same loss (B starts at 0)
+    assert rows[1]["trainable_params"] == rows[2]["trainable_params"] != "0"
+    assert float(rows[1]["loss"]) == pytest.approx(float(rows[2]["loss"]), rel=1e-5)
+    assert float(rows[2]["saved_mib"]) < float(rows[1]["saved_mib"])  # no mask, no dropped x
+    doc = json.loads(prefix.with_suffix(".json").read_text())
+    assert doc["settings"]["lora_dropout"] == 0.1 and doc["environment"]["torch"]
+    assert len(doc["results"][0]["times_ms"]["peft"]) == 2
+    assert (tmp_path / "out" / "tiny.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_layer_bench_ratios_on_a_stubbed_clock():
+    clock = FakeClock()
+
+    def arm(name, kind, ms):
+        def step():
+            clock.now += ms / 1e3
+
+        return LayerArm(name, kind, step, frozenset())
+
+    settings = LayerSettings(min_run_time=0.0, min_rounds=2, warmup_rounds=0)
+    rows = measure_layer(
+        [arm("frozen", "frozen", 10), arm("peft", "peft", 14), arm("runlora", "runlora", 11)],
+        settings,
+        clock=clock,
+    )
+    by = {r["arm"]: r for r in rows}
+    assert by["runlora"]["x_frozen"] == pytest.approx(1.1)
+    assert by["runlora"]["x_peft"] == pytest.approx(11 / 14)
+    assert by["peft"]["x_frozen"] == pytest.approx(1.4)
+
+
+@pytest.mark.slow
+def test_layer_bench_end_to_end(tmp_path, capsys):
+    prefix = tmp_path / "layer"
+    argv = [
+        "layer-bench",
+        "--shapes",
+        "32x48",
+        "48x32",
+        "-r",
+        "4",
+        "-n",
+        "64",
+        "-d",
+        "0.1",
+        "-o",
+        str(prefix),
+        *QUICK,
+    ]
+    assert main(argv) == 0
+    with open(f"{prefix}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["in"], r["arm"]) for r in rows] == [
+        ("32", "frozen"),
+        ("32", "peft"),
+        ("32", "runlora"),
+        ("48", "frozen"),
+        ("48", "peft"),
+        ("48", "runlora"),
+    ]
+    saved = {r["arm"]: float(r["saved_mib"]) for r in rows[:3]}
+    assert saved["frozen"] == 0.0 < saved["runlora"] < saved["peft"]
+    doc = json.loads(prefix.with_suffix(".json").read_text())
+    assert doc["variants"] is False and len(doc["rows"]) == 6
+    assert "x frozen" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_layer_bench_variants_times_every_pair(tmp_path):
+    from runlora.planner import candidates
+    from runlora.variants import LAYOUTS, Problem
+
+    prefix = tmp_path / "variants"
+    argv = [
+        "layer-bench",
+        "--variants",
+        "--shapes",
+        "32x48",
+        "-r",
+        "4",
+        "-n",
+        "64",
+        "-o",
+        str(prefix),
+        "--min-rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--min-run-time",
+        "0",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    rows = json.loads(prefix.with_suffix(".json").read_text())["rows"]
+    pairs = len(list(candidates(Problem(64, 32, 48, 4))))
+    assert len(rows) == 2 + pairs * len(LAYOUTS)
+    assert rows == sorted(rows, key=lambda r: r["ms_mean"])
+
+
+def test_layer_bench_bad_shape(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["layer-bench", "--shapes", "1024by1024"])
+    assert exc.value.code == 2
+    assert "a shape is INxOUT" in capsys.readouterr().err
