@@ -159,9 +159,10 @@ class RunLoRAModel(_Passthrough):
         self.base_model = RunLoRATuner(model)
         self.peft_config = {ADAPTER: config}
         self.active_adapter = ADAPTER
-        # inspect.signature(self.forward) is then the wrapped model's (HF Trainer keeps only the
-        # dataset columns that forward names).
-        self.forward = functools.wraps(model.forward)(functools.partial(_forward, self))
+        # HF Trainer reads the forward signature, of the instance (to keep the dataset columns
+        # forward names) and of the class (to find label names): both must be the wrapped
+        # model's, so each wrapped class gets a RunLoRAModel subclass whose forward wraps its.
+        self.__class__ = _signature_class(type(self), type(model))
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
@@ -236,9 +237,16 @@ class RunLoRAModel(_Passthrough):
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT does,
-        atomically. Extra keyword arguments (from HF Trainer) are accepted and ignored."""
-        from .io import save_adapter
+        atomically. Extra keyword arguments (from HF Trainer) are accepted and ignored.
 
+        Under FSDP2 (sharded adapter tensors) this is a collective: call it on every rank; the
+        adapter is gathered and rank 0 writes it (``runlora.distributed.save_adapter``)."""
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in self.parameters() if p.requires_grad):
+            from .distributed import save_adapter
+        else:
+            from .io import save_adapter
         save_adapter(self, save_directory)
 
     @classmethod
@@ -252,5 +260,10 @@ class RunLoRAModel(_Passthrough):
         return load_runlora_model(model, model_id, is_trainable=is_trainable, **config_overrides)
 
 
-def _forward(self: RunLoRAModel, *args, **kwargs):
-    return self.base_model(*args, **kwargs)
+@functools.lru_cache(maxsize=None)
+def _signature_class(cls: type, model_cls: type) -> type:
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    functools.update_wrapper(forward, model_cls.forward)
+    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})

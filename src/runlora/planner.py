@@ -35,6 +35,7 @@ __all__ = [
     "candidates",
     "pair_cost",
     "as_plan",
+    "install_plans",
 ]
 
 
@@ -317,3 +318,47 @@ def _memo_plan(n, in_f, out_f, r, criterion, needs_x, bias, dropout, dtype, devi
         device=device,
         quantized=quantized,
     )
+
+
+def install_plans(
+    entries: Iterable[tuple[dict, dict]],
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> int:
+    """Adopt plans made by another process (rank 0 of a distributed job) as this process's own.
+
+    Each entry is ``(request, plan_dict)``: ``request`` holds ``plan_for``'s arguments
+    (``n_tokens``, ``in_features``, ``out_features``, ``r``, ``criterion``,
+    ``needs_input_grad``, ``bias``, ``dropout``, ``quantized``), ``plan_dict`` is
+    ``Plan.to_dict()``. The plan is stored in this process's plan cache under this process's own
+    key (``dtype`` and ``device`` are the local ones), and the in-process memo is cleared, so the
+    next ``plan_for`` of that request returns it without measuring anything. ``"flops"`` plans
+    are deterministic and never cached, so they are skipped.
+
+    Returns:
+        How many plans were installed.
+    """
+    items = {}
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    for request, plan_dict in entries:
+        if request["criterion"] == "flops":
+            continue
+        Plan.from_dict(plan_dict)  # refuse a plan this runlora version cannot run
+        problem = Problem(
+            bucket_tokens(max(1, request["n_tokens"])),
+            request["in_features"],
+            request["out_features"],
+            request["r"],
+            needs_input_grad=bool(request.get("needs_input_grad", True)),
+            bias=bool(request.get("bias", False)),
+            bias_grad=False,
+            dropout=request.get("dropout", 0.0) > 0.0,
+            quantized=bool(request.get("quantized", False)),
+        )
+        key = plan_key(problem, request["criterion"], dev, dtype or torch.float32)
+        items[key] = dict(plan_dict)
+    if items:
+        default_cache().put_many("plans", items)
+    _memo_plan.cache_clear()
+    return len(items)

@@ -1,0 +1,208 @@
+"""runlora vs PEFT under FSDP2 on CPU: per-rank step time and memory, N ranks over gloo.
+
+Each arm (runlora, PEFT) runs in its own fresh set of processes, so peak RSS is the arm's own.
+Every rank builds the same model (seed 0), adds LoRA adapters, shards each decoder layer and the
+root with ``fully_shard``, and trains on synthetic tokens. Per rank it reports:
+
+- step ms: median forward + backward + optimizer step, the ranks aligned by a barrier;
+- saved MiB: bytes autograd keeps for backward in one step (each storage once, parameters
+  excluded; FSDP2's all-gathered weights are parameters);
+- peak RSS MiB: the process's high-water mark (``ru_maxrss``) at the end.
+
+    python benchmarks/fsdp_bench.py --model llama_60m --nproc 2 --batch-size 4 --seq-len 256 \\
+        --out benchmarks/results/fsdp_llama_60m.json
+
+Ratios (runlora / PEFT) are printed per rank. Run nothing else on the machine meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ARMS = ("runlora", "peft")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama_60m", help="shipped config name or config path")
+    p.add_argument("--nproc", type=int, default=2, help="ranks (processes)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per rank and step")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("-r", "--lora-r", type=int, default=8)
+    p.add_argument("--criterion", default="flops", help="runlora's planning criterion")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per arm before giving up")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def build(arm: str, args: argparse.Namespace) -> torch.nn.Module:
+    from runlora.configs import build_model, load_config
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    base = build_model(load_config(args.model), seed=0)
+    kwargs = dict(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=targets)
+    if arm == "runlora":
+        from runlora import LoraConfig, get_runlora_model
+
+        model = get_runlora_model(base, LoraConfig(criterion=args.criterion, **kwargs))
+    else:
+        import peft
+
+        model = peft.get_peft_model(base, peft.LoraConfig(**kwargs))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.get_base_model().enable_input_require_grads()
+    return model
+
+
+def saved_bytes(step) -> int:
+    """Bytes autograd saves while ``step()`` runs forward: each storage once, no parameters."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):
+            storage = t.untyped_storage()
+            if storage.data_ptr():
+                seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
+def worker(rank: int, arm: str, args: argparse.Namespace, port: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(args.threads)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=args.nproc,
+        timeout=datetime.timedelta(minutes=10),
+    )
+    try:
+        model = build(arm, args)
+        for block in model.get_base_model().model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        if arm == "runlora":
+            from runlora.distributed import sync_plans
+
+            sync_plans(model, n_tokens=args.batch_size * args.seq_len)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        gen = torch.Generator().manual_seed(rank)
+        vocab = model.get_base_model().config.vocab_size
+
+        def step() -> None:
+            ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(args.warmup):
+            step()
+        times = []
+        for _ in range(args.steps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        saved = saved_bytes(step)
+        row = {
+            "rank": rank,
+            "step_ms": statistics.median(times),
+            "step_ms_all": times,
+            "saved_bytes": saved,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+        rows: list = [None] * args.nproc
+        dist.all_gather_object(rows, row)
+        if rank == 0:
+            Path(out).write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_arm(arm: str, args: argparse.Namespace) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, f"{arm}.json")
+        context = mp.start_processes(
+            worker,
+            args=(arm, args, _free_port(), out),
+            nprocs=args.nproc,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + args.timeout
+        try:
+            while not context.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{arm}: ranks still running after {args.timeout} s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+        return json.loads(Path(out).read_text())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    results = {arm: run_arm(arm, args) for arm in args.arms}
+    mib = 2**20
+    print(
+        f"{args.model}, FSDP2 over gloo, {args.nproc} ranks x {args.threads} threads, batch "
+        f"{args.batch_size} x {args.seq_len} per rank, r={args.lora_r}, fp32"
+        + (", gradient checkpointing" if args.gradient_checkpointing else "")
+    )
+    print(f"{'arm':<8} {'rank':>4} {'step ms':>9} {'saved MiB':>10} {'peak RSS MiB':>13}")
+    for arm, rows in results.items():
+        for row in rows:
+            print(
+                f"{arm:<8} {row['rank']:>4} {row['step_ms']:>9.1f} "
+                f"{row['saved_bytes'] / mib:>10.1f} {row['peak_rss_bytes'] / mib:>13.1f}"
+            )
+    if set(ARMS) <= results.keys():
+        for ours, theirs in zip(results["runlora"], results["peft"], strict=True):
+            print(
+                f"rank {ours['rank']}: runlora / PEFT step time "
+                f"{ours['step_ms'] / theirs['step_ms']:.3f}, saved bytes "
+                f"{ours['saved_bytes'] / max(1, theirs['saved_bytes']):.3f}"
+            )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(
+            json.dumps({"settings": vars(args), "results": results}, indent=1)
+        )
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

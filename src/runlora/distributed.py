@@ -1,0 +1,382 @@
+"""runlora under ``torch.distributed`` (DDP, FSDP2, accelerate): one plan for all, one adapter.
+
+The op itself needs nothing for distributed training: under DDP each rank runs it on its own
+batch, and under FSDP2 (``fully_shard``) the frozen base weight is all-gathered into a plain
+unsharded tensor before each forward and backward, which the op uses as it is (no copy). What
+does need care is around the op:
+
+- **Plans.** A rank that plans by ``"time"`` measures candidates for seconds while the others
+  wait in a collective, and two ranks that measure may choose different orders. ``sync_plans``
+  plans every target layer once on one rank (``src``) and hands the plans (and the roofline
+  calibration) to the others, who run them as their own; it then checks that every rank holds
+  the same plans. ``"flops"`` plans are deterministic: they are only checked.
+- **Saving.** Under FSDP2 the adapter tensors are shards (``DTensor``). ``save_adapter``
+  gathers only the adapter tensors (never the frozen base) and writes one PEFT-format adapter
+  from rank 0.
+
+Typical use, once the model is wrapped and sharded and before the first step::
+
+    sync_plans(model, n_tokens=batch_size * seq_len, dtype=torch.bfloat16)
+    ...
+    save_adapter(model, "out/adapter")      # every rank calls it; rank 0 writes
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .cache import default_cache, device_key
+from .planner import Plan, bucket_tokens, install_plans, plan_for
+
+__all__ = [
+    "PlanRequest",
+    "plan_requests",
+    "preplan",
+    "sync_plans",
+    "gather_adapter_state_dict",
+    "save_adapter",
+]
+
+
+@dataclass(frozen=True, order=True)
+class PlanRequest:
+    """One call shape a LoRA layer will plan for (``plan_for``'s arguments but dtype/device).
+
+    ``n_tokens`` is stored bucketed as ``plan_for`` buckets it, so equal requests plan once.
+    """
+
+    n_tokens: int
+    in_features: int
+    out_features: int
+    r: int
+    criterion: str = "flops"
+    needs_input_grad: bool = True
+    bias: bool = False
+    dropout: float = 0.0
+    quantized: bool = False
+
+    def plan(self, dtype: torch.dtype | None = None, device=None) -> Plan:
+        """The plan this process runs for the request (memoised by ``plan_for``)."""
+        return plan_for(
+            self.n_tokens,
+            self.in_features,
+            self.out_features,
+            self.r,
+            criterion=self.criterion,
+            needs_input_grad=self.needs_input_grad,
+            bias=self.bias,
+            dropout=self.dropout,
+            dtype=dtype,
+            device=device,
+            quantized=self.quantized,
+        )
+
+
+def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, layer)`` for each module that runs the op and plans by itself."""
+    from .layer import RunLoRALinear
+
+    for name, module in model.named_modules():
+        if isinstance(module, RunLoRALinear) and module.plan is None:
+            yield name, module
+        elif hasattr(module, "runlora_criterion") and hasattr(module, "lora_A"):
+            yield name, module  # a PEFT layer switched by runlora.from_peft
+
+
+def _layer_request(layer: nn.Module, n_tokens: int, needs_input_grad: bool) -> PlanRequest:
+    from .layer import RunLoRALinear, _dropout_p, base_args_fn
+
+    if isinstance(layer, RunLoRALinear):
+        adapter, criterion = layer.active_adapter, layer.criterion
+    else:
+        adapter, criterion = layer.active_adapters[0], layer.runlora_criterion
+    base = layer.get_base_layer()
+    _, bias, quant = base_args_fn(base)(base, layer.fan_in_fan_out)
+    lora_a = layer.lora_A[adapter].weight  # (r, in); under FSDP2 a DTensor of the full shape
+    lora_b = layer.lora_B[adapter].weight  # (out, r)
+    dropout = _dropout_p(layer.lora_dropout[adapter]) if layer.training else 0.0
+    return PlanRequest(
+        bucket_tokens(n_tokens),
+        lora_a.shape[1],
+        lora_b.shape[0],
+        lora_a.shape[0],
+        criterion,
+        needs_input_grad,
+        bias is not None,
+        dropout,
+        quant is not None,
+    )
+
+
+def plan_requests(
+    model: nn.Module, n_tokens: int, *, input_grad: Iterable[bool] = (True, False)
+) -> list[PlanRequest]:
+    """The distinct requests the LoRA layers of ``model`` make for ``n_tokens`` tokens per call.
+
+    Args:
+        model: any module holding ``RunLoRALinear`` layers (wrapped by DDP/FSDP2 or not).
+        n_tokens: batch size × sequence length of one forward (per rank).
+        input_grad: which values of "x requires grad" to plan for. Both by default: the first
+            adapted layer of a model with frozen embeddings sees an input without grad, the
+            others one with grad (and gradient checkpointing changes which is which).
+
+    Returns:
+        The requests, sorted, each once (layers of one shape share a request).
+    """
+    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 1:
+        raise ValueError(f"n_tokens must be a positive int (batch × sequence), got {n_tokens!r}")
+    flags = tuple(dict.fromkeys(bool(f) for f in input_grad))
+    requests = {
+        _layer_request(layer, n_tokens, flag) for _, layer in _lora_layers(model) for flag in flags
+    }
+    return sorted(requests)
+
+
+def _first_lora_weight(model: nn.Module) -> Tensor | None:
+    for _, layer in _lora_layers(model):
+        adapter = getattr(layer, "active_adapter", None)
+        if not isinstance(adapter, str):
+            adapter = layer.active_adapters[0]
+        return layer.lora_A[adapter].weight
+    return None
+
+
+def _resolve(
+    model_or_requests, n_tokens, input_grad, dtype, device
+) -> tuple[list[PlanRequest], torch.dtype, torch.device]:
+    if isinstance(model_or_requests, nn.Module):
+        if n_tokens is None:
+            raise ValueError("n_tokens is required with a model: pass batch_size * seq_len")
+        requests = plan_requests(model_or_requests, n_tokens, input_grad=input_grad)
+        weight = _first_lora_weight(model_or_requests)
+    else:
+        requests = sorted(set(model_or_requests))
+        weight = None
+    if dtype is None:
+        dtype = weight.dtype if weight is not None else torch.float32
+    if device is None:
+        device = weight.device if weight is not None else torch.device("cpu")
+    return requests, dtype, torch.device(device)
+
+
+def preplan(
+    model_or_requests: nn.Module | Iterable[PlanRequest],
+    n_tokens: int | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    input_grad: Iterable[bool] = (True, False),
+) -> dict[PlanRequest, Plan]:
+    """Plan every LoRA layer of a model (or every request) now, in this process only.
+
+    A training loop then finds each plan memoised at its first step instead of measuring in it.
+
+    Args:
+        model_or_requests: a model with runlora layers, or ``PlanRequest``\\ s.
+        n_tokens: batch size × sequence length per forward (with a model).
+        dtype: the dtype the layers compute in (bf16 under an FSDP2 ``MixedPrecisionPolicy``
+            or autocast); default the LoRA weights' dtype.
+        device: default the LoRA weights' device.
+
+    Returns:
+        ``{request: plan}``.
+    """
+    requests, dtype, device = _resolve(model_or_requests, n_tokens, input_grad, dtype, device)
+    return {req: req.plan(dtype, device) for req in requests}
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def sync_plans(
+    model_or_requests: nn.Module | Iterable[PlanRequest],
+    n_tokens: int | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    input_grad: Iterable[bool] = (True, False),
+    src: int = 0,
+    group: dist.ProcessGroup | None = None,
+) -> dict[PlanRequest, Plan]:
+    """Make every rank run the same plans, planned once; call it on every rank, before training.
+
+    With a measuring criterion (``"time"``, ``"roofline"``) rank ``src`` calibrates the device
+    and plans each request; the plans and the calibration are broadcast, and the other ranks
+    install them as their own (``planner.install_plans``), so no other rank measures anything,
+    now or for a shape planned later by ``"roofline"``. With ``"flops"`` each rank plans (it is
+    deterministic and free). Then every rank's plans are compared with ``src``'s.
+
+    Without an initialised process group this is ``preplan``. Arguments as in ``preplan``;
+    ``src`` is a global rank, ``group`` the process group (default: the world).
+
+    Returns:
+        ``{request: plan}``, the same on every rank.
+
+    Raises:
+        RuntimeError: if the ranks' models ask for different requests, or a rank ends up with a
+            plan other than ``src``'s (the error names the rank and the request).
+    """
+    requests, dtype, device = _resolve(model_or_requests, n_tokens, input_grad, dtype, device)
+    rank, world = _world()
+    if world == 1:
+        return {req: req.plan(dtype, device) for req in requests}
+    if any(req.criterion != "flops" for req in requests):
+        payload: list = [None]
+        if rank == src:
+            from .roofline import calibrate
+
+            calibration = calibrate(dtype, device)
+            plans = [req.plan(dtype, device).to_dict() for req in requests]
+            payload = [([asdict(r) for r in requests], plans, calibration)]
+        dist.broadcast_object_list(payload, src=src, group=group)
+        src_requests, plans, calibration = payload[0]
+        if rank != src:
+            _check_same_requests(requests, src_requests, rank, src)
+            default_cache().put("devices", device_key(device, dtype), calibration)
+            install_plans(zip(src_requests, plans, strict=True), dtype=dtype, device=device)
+    result = {req: req.plan(dtype, device) for req in requests}
+    _check_same_plans(result, rank, world, src, group)
+    return result
+
+
+def _check_same_requests(mine: list[PlanRequest], theirs: list[dict], rank: int, src: int):
+    theirs_set = {PlanRequest(**d) for d in theirs}
+    if set(mine) != theirs_set:
+        extra = sorted(set(mine) - theirs_set)[:3]
+        missing = sorted(theirs_set - set(mine))[:3]
+        raise RuntimeError(
+            f"runlora.sync_plans: rank {rank}'s model asks for other layer shapes than rank "
+            f"{src}'s (only here: {extra}, only on rank {src}: {missing}); every rank must wrap "
+            "the same model with the same LoraConfig and pass the same n_tokens"
+        )
+
+
+def _check_same_plans(result: dict[PlanRequest, Plan], rank, world, src, group) -> None:
+    mine = [(asdict(req), _signature(plan)) for req, plan in result.items()]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine, group=group)
+    src_index = src if group is None else dist.get_group_rank(group, src)
+    reference = gathered[src_index]
+    for index, theirs in enumerate(gathered):
+        if theirs != reference:
+            diff = next((a, b) for a, b in zip(theirs, reference, strict=False) if a != b)
+            raise RuntimeError(
+                f"runlora.sync_plans: rank {index} plans {diff[0][0]} as {diff[0][1]}, rank {src} "
+                f"as {diff[1][1]}; all ranks must run one plan per layer shape"
+            )
+
+
+def _signature(plan: Plan) -> tuple[str, str, str, str]:
+    return plan.forward, plan.backward, plan.layout, plan.criterion
+
+
+# --- saving --------------------------------------------------------------------------------
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP (or accelerate's / torch.compile's wrappers); FSDP2 wraps in place."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _full_tensor(t: Tensor) -> Tensor:
+    """``t`` whole, on CPU. A collective for a sharded tensor: every rank must ask for the same
+    tensors in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):  # FSDP2
+        return t.full_tensor().detach().cpu()
+    if hasattr(t, "ds_id"):  # a DeepSpeed ZeRO-3 partitioned parameter
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t]):
+            return t.detach().cpu().clone()
+    return t.detach().cpu()
+
+
+class _GatheredState(Mapping):
+    """A model's ``state_dict(keep_vars=True)`` whose entries are gathered to full CPU tensors
+    when first read (and kept), so that only the entries a reader asks for are gathered."""
+
+    def __init__(self, state: Mapping[str, Tensor]) -> None:
+        self._state = state
+        self._full: dict[str, Tensor] = {}
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._full:
+            self._full[key] = _full_tensor(self._state[key])
+        return self._full[key]
+
+    def __iter__(self):
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
+class _GatheredView:
+    """``model`` as ``runlora.io`` reads it, with its state dict gathered (see above)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+        self._state = _GatheredState(model.state_dict(keep_vars=True))
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def state_dict(self, *args, keep_vars: bool = False, **kwargs) -> Mapping[str, Tensor]:
+        return self._state
+
+
+def gather_adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter's tensors under PEFT's file keys, full and on CPU, on every rank.
+
+    Under FSDP2 each adapter tensor is all-gathered (``DTensor.full_tensor``); the frozen base is
+    never gathered. A collective: call it on every rank.
+    """
+    from .io import adapter_state_dict
+
+    return adapter_state_dict(_GatheredView(_unwrap(model)))
+
+
+def save_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path | None:
+    """Write one PEFT-format adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
+    from a distributed run: every rank calls it, the adapter tensors are gathered, rank 0 writes.
+
+    Works for a ``RunLoRAModel`` as it is, inside DDP, or sharded by FSDP2; without a process
+    group it is ``model.save_pretrained``.
+
+    Returns:
+        The directory on rank 0, None on the other ranks.
+    """
+    from .io import adapter_state_dict
+    from .io import save_adapter as write_adapter
+
+    inner = _unwrap(model)
+    if not hasattr(inner, "peft_config"):
+        raise TypeError(
+            f"save_adapter needs a model from runlora.get_runlora_model, got {type(inner).__name__}"
+        )
+    rank, world = _world()
+    view = _GatheredView(inner)
+    adapter_state_dict(view)  # every rank gathers the same tensors, in the same (sorted) order
+    if rank == 0:
+        write_adapter(view, save_directory)  # reads the gathered tensors; no collective
+    if world > 1:
+        dist.barrier()
+    return Path(save_directory) if rank == 0 else None

@@ -1,0 +1,354 @@
+"""runlora under torch.distributed on CPU: 2 processes, gloo, a tiny Llama (hidden 64, 2 layers).
+
+Each test spawns its ranks with ``torch.multiprocessing``; the workers write what they end with
+(LoRA weights, plans, frozen shards) to files and the parent compares it with a single process
+that trains on the same global batch. Every run is bounded: the process group has a short
+timeout and the parent gives up (killing the ranks) after ``JOB_TIMEOUT_S``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow
+
+WORLD = 2
+STEPS = 3
+LOCAL_BATCH, SEQ = 2, 16
+LR = 0.5
+JOB_TIMEOUT_S = 90
+PG_TIMEOUT_S = 30
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: fp32, same plans: only the order of the gradient sums differs from the single process.
+ATOL = 2e-6
+
+
+# --- shared by parent and workers ---------------------------------------------------------
+
+
+def tiny_lora_model(criterion: str = "flops"):
+    """get_runlora_model on llama_tiny, every block linear adapted, A and B random (seeded)."""
+    from runlora import LoraConfig, get_runlora_model
+    from runlora.configs import build_model, load_config
+
+    base = build_model(load_config("llama_tiny"), seed=0)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, criterion=criterion
+    )
+    return get_runlora_model(base, config)
+
+
+def global_batches(steps: int = STEPS) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(0, 512, (WORLD * LOCAL_BATCH, SEQ), generator=g) for _ in range(steps)]
+
+
+def local_rows(batch: torch.Tensor, rank: int) -> torch.Tensor:
+    return batch[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    """Trainable tensors by name, full and on CPU (gathered from FSDP2 shards if need be)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.full_tensor() if isinstance(p, DTensor) else p
+            out[name.replace("module.", "", 1) if name.startswith("module.") else name] = (
+                t.detach().cpu().clone()
+            )
+    return out
+
+
+def train(model, batches, rank: int | None) -> list[float]:
+    """SGD steps; each rank sees its rows of each global batch (all rows if rank is None)."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    losses = []
+    for batch in batches:
+        ids = batch if rank is None else local_rows(batch, rank)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+# --- worker side --------------------------------------------------------------------------
+
+
+def _init(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+    )
+
+
+def _worker(rank: int, scenario: str, port: int, out: str) -> None:
+    _init(rank, port)
+    try:
+        SCENARIOS[scenario](rank, Path(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_and_plans(rank: int, out: Path) -> None:
+    import runlora.roofline
+    from runlora.cache import PlanCache
+    from runlora.distributed import sync_plans
+
+    if rank != 0:  # only rank 0 may measure anything
+
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"rank {rank} measured a variant: plans were not shared")
+
+        runlora.roofline.time_call = refuse
+    model = tiny_lora_model(criterion="roofline")
+    plans = sync_plans(model, n_tokens=LOCAL_BATCH * SEQ)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    losses = train(ddp, global_batches(), rank)
+    used = {name: layer._last_plan[1].to_dict() for name, layer in model.lora_layers()}
+    # Both ranks merge their entries into one cache file at the same moment.
+    shared = PlanCache(out / "shared_cache" / "plans.json")
+    dist.barrier()
+    for i in range(20):
+        shared.put("plans", f"rank{rank}-entry{i}", {"i": i})
+    dist.barrier()
+    torch.save(
+        {
+            "plans": {repr(k): v.to_dict() for k, v in plans.items()},
+            "used": used,
+            "losses": losses,
+            "lora": lora_state(ddp),
+        },
+        out / f"rank{rank}.pt",
+    )
+
+
+def _fsdp(rank: int, out: Path) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import runlora.layer
+    from runlora.distributed import save_adapter
+
+    seen = []
+    current = {}
+    real_op = runlora.layer.lora_linear
+
+    def recording_op(x, weight, *args, **kwargs):
+        seen.append(
+            (
+                isinstance(weight, DTensor),
+                weight.requires_grad,
+                weight is current["weight"],
+                x.dtype,
+            )
+        )
+        return real_op(x, weight, *args, **kwargs)
+
+    runlora.layer.lora_linear = recording_op
+    results = {}
+    for label, grad_ckpt, param_dtype in (
+        ("fp32", False, None),
+        ("fp32_ckpt", True, None),
+        ("bf16", False, torch.bfloat16),
+    ):
+        model = tiny_lora_model()
+        for _, layer in model.lora_layers():
+            layer.register_forward_pre_hook(
+                lambda mod, args: current.__setitem__("weight", mod.base_layer.weight)
+            )
+        if grad_ckpt:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for block in model.get_base_model().model.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        frozen_before = {
+            n: p.to_local().clone() for n, p in model.named_parameters() if not p.requires_grad
+        }
+        seen.clear()
+        losses = train(model, global_batches(), rank)
+        frozen_same = all(
+            torch.equal(p.to_local(), frozen_before[n])
+            for n, p in model.named_parameters()
+            if not p.requires_grad
+        )
+        results[label] = {
+            "losses": losses,
+            "lora": lora_state(model),
+            "seen": list(seen),
+            "frozen_same": frozen_same,
+            "n_frozen": len(frozen_before),
+        }
+        if label == "fp32":
+            save_adapter(model, out / "adapter")
+    torch.save(results, out / f"rank{rank}.pt")
+
+
+def _failing_rank(rank: int, out: Path) -> None:
+    model = tiny_lora_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    for step, batch in enumerate(global_batches()):
+        if rank == 1 and step == 1:
+            raise ValueError(f"bad batch on rank {rank} at step {step}")
+        ids = local_rows(batch, rank)
+        ddp(input_ids=ids, labels=ids).loss.backward()  # rank 0 then waits in all-reduce
+        opt.step()
+        opt.zero_grad()
+
+
+SCENARIOS = {"ddp_and_plans": _ddp_and_plans, "fsdp": _fsdp, "failing_rank": _failing_rank}
+
+
+# --- parent side --------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(scenario: str, out: Path, timeout_s: float = JOB_TIMEOUT_S) -> None:
+    """Run ``scenario`` on WORLD spawned ranks; re-raises a rank's exception, never hangs."""
+    os.environ["RUNLORA_CACHE_DIR"] = str(out / "cache")  # inherited by the ranks
+    context = mp.start_processes(
+        _worker,
+        args=(scenario, _free_port(), str(out)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{scenario}: ranks still running after {timeout_s} s (a hang)")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+
+
+def rank_results(out: Path) -> list[dict]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    """LoRA weights of one process that sees every global batch whole."""
+    torch.manual_seed(0)
+    model = tiny_lora_model()
+    initial = lora_state(model)
+    train(model, global_batches(), rank=None)
+    return {"initial": initial, "trained": lora_state(model)}
+
+
+def assert_same_lora(actual: dict, reference: dict, atol: float, label: str) -> None:
+    assert actual.keys() == reference["trained"].keys(), label
+    for name, want in reference["trained"].items():
+        moved = (want - reference["initial"][name]).abs().max().item()
+        assert moved > 1e-3, f"{name} did not train ({moved}); the comparison would be empty"
+        err = (actual[name] - want).abs().max().item()
+        assert err <= atol, f"{label}: {name} differs from one process by {err:.3g}"
+
+
+def test_ddp_trains_like_one_process_and_ranks_share_plans(tmp_path, reference):
+    run_job("ddp_and_plans", tmp_path)
+    ranks = rank_results(tmp_path)
+    for r, res in enumerate(ranks):
+        assert_same_lora(res["lora"], reference, ATOL, f"DDP rank {r}")
+    assert ranks[0]["plans"] == ranks[1]["plans"] and ranks[0]["plans"]
+    assert all(p["criterion"] == "roofline" for p in ranks[0]["plans"].values())
+    assert ranks[0]["used"] == ranks[1]["used"]
+    cache = json.loads((tmp_path / "cache" / "plans.json").read_text())
+    assert cache["format"] == "runlora-plan-cache" and len(cache["plans"]) >= 1
+    shared = json.loads((tmp_path / "shared_cache" / "plans.json").read_text())
+    assert set(shared["plans"]) == {f"rank{r}-entry{i}" for r in range(WORLD) for i in range(20)}
+
+
+def test_fsdp2_trains_like_one_process_frozen_shards_untouched(tmp_path, reference):
+    from safetensors.torch import load_file
+
+    run_job("fsdp", tmp_path)
+    ranks = rank_results(tmp_path)
+    for r, res in enumerate(ranks):
+        for label in ("fp32", "fp32_ckpt"):
+            run = res[label]
+            assert_same_lora(run["lora"], reference, ATOL, f"FSDP2 {label} rank {r}")
+            assert run["frozen_same"] and run["n_frozen"] > 0
+            # the op sees the all-gathered plain Parameter itself: no DTensor, no copy, frozen
+            assert run["seen"] and all(s[:3] == (False, False, True) for s in run["seen"])
+        bf16 = res["bf16"]
+        assert all(s[3] == torch.bfloat16 for s in bf16["seen"])
+        assert bf16["frozen_same"]
+        for name, want in reference["trained"].items():  # bf16 compute, fp32 params
+            assert (bf16["lora"][name] - want).abs().max().item() < 5e-2, name
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    trained = {k.replace(".default.", "."): v for k, v in reference["trained"].items()}
+    assert saved.keys() == trained.keys()
+    for key, value in saved.items():
+        assert (value - trained[key]).abs().max().item() <= ATOL, key
+    assert not (tmp_path / "rank1_adapter").exists()
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(Exception, match="bad batch on rank 1 at step 1"):
+        run_job("failing_rank", tmp_path, timeout_s=60)
+    assert time.monotonic() - start < 60
+
+
+# --- in one process -------------------------------------------------------------------------
+
+
+def test_plan_requests_are_the_distinct_layer_shapes():
+    from runlora.distributed import plan_requests, sync_plans
+
+    model = tiny_lora_model()
+    requests = plan_requests(model, n_tokens=LOCAL_BATCH * SEQ)
+    shapes = {(q.in_features, q.out_features) for q in requests}
+    assert shapes == {(64, 64), (64, 176), (176, 64)}
+    assert len(requests) == 6 and {q.needs_input_grad for q in requests} == {True, False}
+    assert sync_plans(model, n_tokens=LOCAL_BATCH * SEQ).keys() == set(requests)  # no group
+
+
+def test_installed_plans_are_used_without_measuring(tmp_path, monkeypatch):
+    import runlora.roofline
+    from runlora.distributed import PlanRequest
+    from runlora.planner import Plan, _memo_plan, install_plans
+
+    monkeypatch.setenv("RUNLORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(runlora.roofline, "time_call", lambda *a, **k: pytest.fail("measured"))
+    request = PlanRequest(37, 48, 80, 4, "roofline", needs_input_grad=False)
+    chosen = Plan("lowrank_first", "gradient_split", "autograd", criterion="roofline")
+    try:
+        assert install_plans([(vars(request), chosen.to_dict())]) == 1
+        assert request.plan() == chosen
+    finally:
+        _memo_plan.cache_clear()
