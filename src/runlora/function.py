@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -43,8 +44,11 @@ def _db_from_la(dy: Tensor, la: Tensor, layout: str) -> Tensor:
     return dy.t() @ la
 
 
-def _merge(w: Tensor, a: Tensor, b: Tensor, s: float) -> Tensor:
-    """W + s·B A, ``(out, in)``, in a fresh buffer."""
+def _merge(w: Tensor, a: Tensor, b: Tensor, s: float, w_owned: bool = False) -> Tensor:
+    """W + s·B A, ``(out, in)``: in a fresh buffer, or into ``w`` itself when the caller owns it
+    (a freshly dequantized weight), which saves an ``(out, in)`` allocation."""
+    if w_owned:
+        return _addmm_into(w, b, a, alpha=s)
     return torch.addmm(w, b, a, alpha=s)
 
 
@@ -89,15 +93,20 @@ def run_forward(
     bias: Tensor | None,
     s: float,
     lx: Tensor,
+    w_owned: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Y ``(N, out)`` by order ``fwd``; ``lx`` is the LoRA branch's input (x or dropout(x)).
+    ``w_owned``: ``w`` is a fresh buffer the merged orders may overwrite.
 
     Returns (Y, X Aᵀ or None when the order does not form it).
     """
     if fwd.name == "merged":
-        return torch.nn.functional.linear(x2d, _merge(w, a, b, s), bias), None
+        return torch.nn.functional.linear(x2d, _merge(w, a, b, s, w_owned), bias), None
     if fwd.name == "merged_t":
-        wt = torch.addmm(w.t(), a.t(), b.t(), alpha=s)  # (in, out)
+        if w_owned:
+            wt = _addmm_into(w.t(), a.t(), b.t(), alpha=s)  # (in, out), in w's buffer
+        else:
+            wt = torch.addmm(w.t(), a.t(), b.t(), alpha=s)  # (in, out)
         y = x2d @ wt if bias is None else torch.addmm(bias, x2d, wt)
         return y, None
     la = _la(lx, a)  # (N, r)
@@ -125,11 +134,13 @@ def run_backward(
     la: Tensor | None,
     need_x: bool,
     need_lora: bool,
+    w_owned: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dX ``(N, in)``, dA ``(r, in)``, dB ``(out, r)``) by order ``bwd``; None where not needed.
 
     ``lx`` is the LoRA input (x or dropout(x)), ``drop`` the dropout (keep mask ``(N, in)``,
-    scale ``1 / (1 - p)``) or None, ``la`` a saved L Aᵀ or None.
+    scale ``1 / (1 - p)``) or None, ``la`` a saved L Aᵀ or None. ``w_owned``: ``weight_fn``
+    returns a fresh buffer each call, which the merged orders may overwrite.
     """
     need_z = (need_lora and bwd.da_from == "Z") or (need_x and bwd.dx == "split")
     z = _z(dy, b, layout) if need_z else None  # (N, r)
@@ -137,7 +148,7 @@ def run_backward(
     def input_grad() -> Tensor:
         w = weight_fn()
         if bwd.dx == "merged":
-            return dy @ _merge(w, a, b, s)
+            return dy @ _merge(w, a, b, s, w_owned)
         dx = dy @ w  # (N, in)
         if drop is None:
             return _addmm_into(dx, z, a, alpha=s)
@@ -169,13 +180,13 @@ class _LoRAFunction(torch.autograd.Function):
         fwd, bwd, layout = plan.forward_variant, plan.backward_variant, plan.layout
         in_features = x.shape[-1]
         x2d = x.reshape(-1, in_features)
-        w = weight if quant is None else quant.dequantize()
+        w = weight if quant is None else quant.dequantize(x.dtype)  # fresh (out, in) when quantized
         seed = None
         lx = x2d
         if dropout > 0.0:
             seed = _new_seed()
             lx = _apply_mask(x2d, _keep_mask(x2d, dropout, seed), dropout)
-        y, la = run_forward(fwd, x2d, w, lora_a, lora_b, bias, scaling, lx)
+        y, la = run_forward(fwd, x2d, w, lora_a, lora_b, bias, scaling, lx, quant is not None)
         del w, lx
         ctx.save_for_backward(x, weight, lora_a, lora_b, la if keep_la else None)
         ctx.scaling, ctx.dropout, ctx.seed = scaling, dropout, seed
@@ -199,11 +210,11 @@ class _LoRAFunction(torch.autograd.Function):
         quant = ctx.quant
 
         def weight_fn() -> Tensor:
-            return weight if quant is None else quant.dequantize()
+            return weight if quant is None else quant.dequantize(x.dtype)
 
         dx, da, db = run_backward(
             ctx.bwd, ctx.layout, dy, x2d, weight_fn, lora_a, lora_b, ctx.scaling, lx, drop, la,
-            need_x, need_a or need_b,
+            need_x, need_a or need_b, quant is not None,
         )
         dbias = dy.sum(0) if need_bias else None
         if dx is not None:
@@ -264,6 +275,26 @@ def _check(x, weight, lora_a, lora_b, bias, scaling, dropout) -> None:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
 
 
+def _autocast_dtype(x: object) -> torch.dtype | None:
+    """The dtype autocast would run ``F.linear(x, ...)`` in, or None when it is off."""
+    if not isinstance(x, Tensor):
+        return None
+    device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_cast(t: object, dtype: torch.dtype) -> object:
+    # Autocast casts nothing inside a custom Function, so cast its inputs here as it casts
+    # F.linear's: floating tensors other than fp64 go to the autocast dtype.
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
+
+
 def lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -280,7 +311,9 @@ def lora_linear(
 ) -> Tensor:
     """``F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropout(x), lora_A), lora_B)``.
 
-    One autograd op that runs the planned computation order, exact to plain autograd.
+    One autograd op that runs the planned computation order, exact to plain autograd. Under
+    ``torch.autocast`` it runs in the autocast dtype, as ``F.linear`` would: floating inputs
+    other than fp64 are cast to it, and the gradients flow back to them in their own dtype.
 
     Args:
         x: input, shape ``(..., in)``; any number of leading dims, contiguous or not.
@@ -302,6 +335,11 @@ def lora_linear(
     Returns:
         Tensor of shape ``(..., out)``.
     """
+    cast_to = _autocast_dtype(x)
+    if cast_to is not None:
+        x, weight, lora_A, lora_B, bias = (
+            _autocast_cast(t, cast_to) for t in (x, weight, lora_A, lora_B, bias)
+        )
     if quant is None:
         _check(x, weight, lora_A, lora_B, bias, scaling, dropout)
     else:
@@ -317,6 +355,8 @@ def lora_linear(
         )
     else:
         plan = as_plan(plan, dropout=p > 0.0)
-    return _LoRAFunction.apply(
-        x, weight, lora_A, lora_B, bias, float(scaling), p, plan, keep_xa, quant
-    )
+    # Autocast would otherwise cast some products inside the Function and not others.
+    with torch.autocast(x.device.type, enabled=False) if cast_to is not None else nullcontext():
+        return _LoRAFunction.apply(
+            x, weight, lora_A, lora_B, bias, float(scaling), p, plan, keep_xa, quant
+        )

@@ -241,9 +241,7 @@ class RunLoRAModel(_Passthrough):
 
         Under FSDP2 (sharded adapter tensors) this is a collective: call it on every rank; the
         adapter is gathered and rank 0 writes it (``runlora.distributed.save_adapter``)."""
-        from torch.distributed.tensor import DTensor
-
-        if any(isinstance(p, DTensor) for p in self.parameters() if p.requires_grad):
+        if _has_sharded_adapter(self):
             from .distributed import save_adapter
         else:
             from .io import save_adapter
@@ -258,6 +256,14 @@ class RunLoRAModel(_Passthrough):
         from .io import load_runlora_model
 
         return load_runlora_model(model, model_id, is_trainable=is_trainable, **config_overrides)
+
+
+def _has_sharded_adapter(model: nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
 
 
 @functools.lru_cache(maxsize=None)
