@@ -170,3 +170,22 @@ def test_unsupported_base_is_refused(make, match):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RunLoRALinear(nn.Linear(IN, OUT), **kwargs)
+
+
+def test_fp32_adapters_on_a_bf16_base_run_in_bf16_and_train_in_fp32():
+    torch.manual_seed(0)
+    base = nn.Linear(24, 16).to(torch.bfloat16).requires_grad_(False)
+    layer = RunLoRALinear(base, r=4, lora_alpha=8, init_lora_weights=False)
+    layer.lora_A.float()
+    layer.lora_B.float()
+    x = torch.randn(3, 5, 24, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    ref = base(x.double().float().to(torch.bfloat16)).double() + 2.0 * (
+        x.double() @ a.double().t() @ b.double().t()
+    )
+    torch.testing.assert_close(y.double(), ref, rtol=3e-2, atol=3e-2)
+    y.float().square().sum().backward()
+    assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    assert x.grad.dtype == torch.bfloat16

@@ -504,6 +504,12 @@ def _tokens_per_step(config, task: str, settings: BenchSettings) -> int:
 def _weight_sharing_copy(model: nn.Module) -> nn.Module:
     """A deep copy of the module tree whose parameters and buffers are the original tensors."""
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    # bitsandbytes' 8-bit layers keep their row scales in a MatmulLtState that the first forward
+    # fills: share it too, or each copy would see a different (or empty) state.
+    for module in model.modules():
+        state = getattr(module, "state", None)
+        if type(state).__name__ == "MatmulLtState":
+            memo[id(state)] = state
     return copy.deepcopy(model, memo)
 
 

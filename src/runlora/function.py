@@ -213,8 +213,20 @@ class _LoRAFunction(torch.autograd.Function):
             return weight if quant is None else quant.dequantize(x.dtype)
 
         dx, da, db = run_backward(
-            ctx.bwd, ctx.layout, dy, x2d, weight_fn, lora_a, lora_b, ctx.scaling, lx, drop, la,
-            need_x, need_a or need_b, quant is not None,
+            ctx.bwd,
+            ctx.layout,
+            dy,
+            x2d,
+            weight_fn,
+            lora_a,
+            lora_b,
+            ctx.scaling,
+            lx,
+            drop,
+            la,
+            need_x,
+            need_a or need_b,
+            quant is not None,
         )
         dbias = dy.sum(0) if need_bias else None
         if dx is not None:
@@ -240,14 +252,18 @@ def _check(x, weight, lora_a, lora_b, bias, scaling, dropout) -> None:
     if r < 1:
         raise ValueError("r must be a positive int, got 0 (lora_A has no rows)")
     if x.dim() < 1 or x.shape[-1] != in_f:
-        raise ValueError(f"x must have shape (..., {in_f}) to match weight (out, in) = "
-                         f"({out_f}, {in_f}); got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must have shape (..., {in_f}) to match weight (out, in) = "
+            f"({out_f}, {in_f}); got {tuple(x.shape)}"
+        )
     if tuple(lora_a.shape) != (r, in_f):
-        raise ValueError(f"lora_A must have shape (r, in) = ({r}, {in_f}), got {tuple(lora_a.shape)}")
+        raise ValueError(
+            f"lora_A must have shape (r, in) = ({r}, {in_f}), got {tuple(lora_a.shape)}"
+        )
     if tuple(lora_b.shape) != (out_f, r):
         raise ValueError(
-            f"lora_B must have shape (out, r) = ({out_f}, {r}) to match weight {tuple(weight.shape)} "
-            f"and lora_A {tuple(lora_a.shape)}; got {tuple(lora_b.shape)}"
+            f"lora_B must have shape (out, r) = ({out_f}, {r}) to match weight "
+            f"{tuple(weight.shape)} and lora_A {tuple(lora_a.shape)}; got {tuple(lora_b.shape)}"
         )
     if bias is not None and tuple(bias.shape) != (out_f,):
         raise ValueError(f"bias must have shape (out,) = ({out_f},), got {tuple(bias.shape)}")
@@ -269,7 +285,8 @@ def _check(x, weight, lora_a, lora_b, bias, scaling, dropout) -> None:
             "weight requires grad, but runlora's op keeps the base weight frozen; call "
             "weight.requires_grad_(False) (the LoRA parameters are lora_A and lora_B)"
         )
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
+    real = isinstance(scaling, (int, float)) and not isinstance(scaling, bool)
+    if not real or not math.isfinite(scaling):
         raise ValueError(f"scaling must be a finite float, got {scaling!r}")
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
@@ -347,11 +364,19 @@ def lora_linear(
     p = float(dropout) if training else 0.0
     needs_x = x.requires_grad and torch.is_grad_enabled()
     n = max(1, x.numel() // x.shape[-1])
-    out_f, in_f = (weight.shape if quant is None else quant.shape)
+    out_f, in_f = weight.shape if quant is None else quant.shape
     if plan is None:
         plan = plan_for(
-            n, in_f, out_f, lora_A.shape[0], needs_input_grad=needs_x, bias=bias is not None,
-            dropout=p, dtype=x.dtype, device=x.device, quantized=quant is not None,
+            n,
+            in_f,
+            out_f,
+            lora_A.shape[0],
+            needs_input_grad=needs_x,
+            bias=bias is not None,
+            dropout=p,
+            dtype=x.dtype,
+            device=x.device,
+            quantized=quant is not None,
         )
     else:
         plan = as_plan(plan, dropout=p > 0.0)

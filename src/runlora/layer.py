@@ -124,6 +124,13 @@ def run_adapter(
         (y of shape ``(..., out)``, the plan used).
     """
     weight, bias, quant = base_args
+    # Adapters kept in another dtype than the activations (PEFT keeps fp32 adapters on a bf16
+    # base) run in the activations' dtype; the casts are differentiable, so gradients reach the
+    # parameters in their own dtype.
+    if lora_a.dtype != x.dtype and x.is_floating_point():
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype and quant is not None:
+        bias = bias.to(x.dtype)
     p = dropout if training else 0.0
     if plan is None:
         out_f, in_f = lora_b.shape[0], lora_a.shape[1]

@@ -266,7 +266,7 @@ def _has_sharded_adapter(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signature_class(cls: type, model_cls: type) -> type:
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)

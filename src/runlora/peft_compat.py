@@ -11,6 +11,7 @@ adapter's) falls back to PEFT's own forward.
 from __future__ import annotations
 
 import functools
+import sys
 
 from torch import Tensor, nn
 
@@ -19,11 +20,26 @@ from .layer import _dropout_p, base_args_fn, is_supported_base, run_adapter
 __all__ = ["from_peft"]
 
 
-@functools.cache
-def _runlora_peft_linear() -> type:
+def _peft_linear_classes() -> tuple[type, ...]:
+    """PEFT's plain LoRA Linear, and its bitsandbytes (QLoRA) layers when bnb is installed."""
     from peft.tuners.lora import Linear as PeftLinear
 
-    class RunLoRAPeftLinear(PeftLinear):
+    classes = [PeftLinear]
+    if sys.modules.get("bitsandbytes") is not None:
+        from peft.tuners.lora import bnb as peft_bnb
+
+        classes += [
+            getattr(peft_bnb, n) for n in ("Linear8bitLt", "Linear4bit") if hasattr(peft_bnb, n)
+        ]
+    return tuple(classes)
+
+
+@functools.cache
+def _runlora_peft_linear(peft_cls: type | None = None) -> type:
+    if peft_cls is None:
+        from peft.tuners.lora import Linear as peft_cls
+
+    class RunLoRAPeftLinear(peft_cls):
         """PEFT's ``lora.Linear`` with its single-adapter forward run by ``runlora.lora_linear``."""
 
         runlora_criterion = "flops"
@@ -62,8 +78,12 @@ def _runlora_peft_linear() -> type:
         def __repr__(self) -> str:
             return "runlora." + super().__repr__()
 
+    name = "RunLoRAPeft" + (
+        "Linear" if peft_cls.__module__ == "peft.tuners.lora.layer" else peft_cls.__name__
+    )
+    RunLoRAPeftLinear.__name__ = RunLoRAPeftLinear.__qualname__ = name
     RunLoRAPeftLinear.__module__ = __name__
-    globals()["RunLoRAPeftLinear"] = RunLoRAPeftLinear  # so that pickle finds it
+    globals()[name] = RunLoRAPeftLinear  # so that pickle finds it
     return RunLoRAPeftLinear
 
 
@@ -80,19 +100,20 @@ def from_peft(peft_model: nn.Module, *, criterion: str = "flops") -> nn.Module:
     Raises:
         ValueError: if the model holds no LoRA Linear layer runlora can run.
     """
-    from peft.tuners.lora import Linear as PeftLinear
-
-    cls = _runlora_peft_linear()
+    switch = {}
+    for peft_cls in _peft_linear_classes():
+        cls = _runlora_peft_linear(peft_cls)
+        switch[peft_cls] = switch[cls] = cls
     switched = 0
     for module in peft_model.modules():
-        if type(module) in (PeftLinear, cls) and is_supported_base(module.get_base_layer()):
-            module.__class__ = cls
+        if type(module) in switch and is_supported_base(module.get_base_layer()):
+            module.__class__ = switch[type(module)]
             module.runlora_criterion = criterion
             switched += 1
     if not switched:
         raise ValueError(
             f"{type(peft_model).__name__} holds no peft LoRA Linear layer over nn.Linear or "
-            "Conv1D; from_peft switches plain LoRA layers only (quantized and embedding LoRA "
-            "layers keep PEFT's forward)"
+            "Conv1D (or a bitsandbytes 4/8-bit layer); embedding and other LoRA layers keep "
+            "PEFT's forward"
         )
     return peft_model
