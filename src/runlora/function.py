@@ -76,9 +76,11 @@ def _keep_mask(x2d: Tensor, p: float, seed: int) -> Tensor:
     return torch.rand(x2d.shape, generator=gen, device=x2d.device, dtype=torch.float32) >= p
 
 
-def _apply_mask(x2d: Tensor, keep: Tensor, p: float) -> Tensor:
-    """dropout(X) = X ⊙ keep / (1 - p), in a fresh buffer."""
-    return (x2d * keep).mul_(1.0 / (1.0 - p))
+def _apply_mask(x2d: Tensor, keep: Tensor) -> Tensor:
+    """X ⊙ keep, in a fresh buffer: dropout(X) without its 1 / (1 - p). The op folds that factor
+    into the LoRA branch's scaling (s / (1 - p)), which only ever multiplies rank-r terms, and so
+    saves a pass over the ``(N, in)`` tensor in forward and in backward."""
+    return x2d * keep
 
 
 # --- forward and backward orders -----------------------------------------------------------
@@ -130,7 +132,7 @@ def run_backward(
     b: Tensor,
     s: float,
     lx: Tensor | None,
-    drop: tuple[Tensor, float] | None,
+    keep: Tensor | None,
     la: Tensor | None,
     need_x: bool,
     need_lora: bool,
@@ -138,8 +140,9 @@ def run_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dX ``(N, in)``, dA ``(r, in)``, dB ``(out, r)``) by order ``bwd``; None where not needed.
 
-    ``lx`` is the LoRA input (x or dropout(x)), ``drop`` the dropout (keep mask ``(N, in)``,
-    scale ``1 / (1 - p)``) or None, ``la`` a saved L Aᵀ or None. ``w_owned``: ``weight_fn``
+    ``lx`` is the LoRA input (x, or x ⊙ keep with dropout), ``keep`` the dropout's keep mask
+    ``(N, in)`` or None, ``s`` the LoRA branch's scaling (with dropout, s / (1 - p), so that
+    s·lx = s_user·dropout(x)), ``la`` a saved L Aᵀ or None. ``w_owned``: ``weight_fn``
     returns a fresh buffer each call, which the merged orders may overwrite.
     """
     need_z = (need_lora and bwd.da_from == "Z") or (need_x and bwd.dx == "split")
@@ -150,10 +153,9 @@ def run_backward(
         if bwd.dx == "merged":
             return dy @ _merge(w, a, b, s, w_owned)
         dx = dy @ w  # (N, in)
-        if drop is None:
+        if keep is None:
             return _addmm_into(dx, z, a, alpha=s)
-        keep, scale = drop
-        return dx.add_((z @ a).mul_(keep), alpha=s * scale)
+        return dx.addcmul_(z @ a, keep, value=s)  # dY W + s·(Z A) ⊙ keep, one pass
 
     dx = input_grad() if need_x and bwd.dx_first else None
     da = db = None
@@ -185,7 +187,8 @@ class _LoRAFunction(torch.autograd.Function):
         lx = x2d
         if dropout > 0.0:
             seed = _new_seed()
-            lx = _apply_mask(x2d, _keep_mask(x2d, dropout, seed), dropout)
+            lx = _apply_mask(x2d, _keep_mask(x2d, dropout, seed))
+            scaling = scaling / (1.0 - dropout)  # the dropout's 1 / (1 - p), on rank-r terms
         y, la = run_forward(fwd, x2d, w, lora_a, lora_b, bias, scaling, lx, quant is not None)
         del w, lx
         ctx.save_for_backward(x, weight, lora_a, lora_b, la if keep_la else None)
@@ -201,12 +204,11 @@ class _LoRAFunction(torch.autograd.Function):
         in_features = x.shape[-1]
         dy = grad_out.reshape(-1, grad_out.shape[-1])
         x2d = x.reshape(-1, in_features)
-        drop = None
+        keep = None
         lx = x2d
         if ctx.dropout > 0.0:
             keep = _keep_mask(x2d, ctx.dropout, ctx.seed)
-            lx = _apply_mask(x2d, keep, ctx.dropout)
-            drop = (keep, 1.0 / (1.0 - ctx.dropout))
+            lx = _apply_mask(x2d, keep)
         quant = ctx.quant
 
         def weight_fn() -> Tensor:
@@ -222,7 +224,7 @@ class _LoRAFunction(torch.autograd.Function):
             lora_b,
             ctx.scaling,
             lx,
-            drop,
+            keep,
             la,
             need_x,
             need_a or need_b,

@@ -81,11 +81,10 @@ def measure_halves(
     """Median ms of each forward variant and each (backward variant, layout) on ``problem``."""
     x, w, a, b, dy, bias = _operands(problem, dtype, device)
     lx = x
-    drop = None
+    keep = None
     if problem.dropout:
         keep = torch.rand(x.shape, device=device) >= 0.1
-        lx = (x * keep) / 0.9
-        drop = (keep, 1 / 0.9)
+        lx = x * keep
     share = budget_s / max(1, len(forwards) + len(backwards))
     fwd_ms = {}
     with torch.no_grad():
@@ -106,7 +105,7 @@ def measure_halves(
                     b,
                     1.0,
                     lx,
-                    drop,
+                    keep,
                     None,
                     problem.needs_input_grad,
                     problem.needs_lora_grad,
