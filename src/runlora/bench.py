@@ -759,6 +759,19 @@ def environment(device: str) -> dict:
     return env
 
 
+def write_csv_json(prefix: Path, rows: list[dict], doc: dict) -> tuple[Path, Path]:
+    """PREFIX.csv with ``rows`` (one header from the first row) and PREFIX.json with ``doc``."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    csv_path = prefix.with_name(prefix.name + ".csv")
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path = prefix.with_name(prefix.name + ".json")
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    return csv_path, json_path
+
+
 def write_outputs(
     results: list[ConfigResult], settings: BenchSettings, prefix: str | Path
 ) -> list[Path]:
@@ -771,7 +784,6 @@ def write_outputs(
         for k, v in asdict(settings).items()
         if k not in ("target_modules", "criterions", "max_rounds")
     }
-    csv_path = prefix.with_name(prefix.name + ".csv")
     rows = [
         {
             "model": res.model,
@@ -783,11 +795,6 @@ def write_outputs(
         for res in results
         for row in res.rows()
     ]
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    json_path = prefix.with_name(prefix.name + ".json")
     doc = {
         "settings": asdict(settings),
         "environment": environment(settings.device),
@@ -805,7 +812,7 @@ def write_outputs(
             for res in results
         ],
     }
-    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    csv_path, json_path = write_csv_json(prefix, rows, doc)
     png_path = prefix.with_name(prefix.name + ".png")
     write_plot(results, settings, png_path)
     return [csv_path, json_path, png_path]

@@ -11,8 +11,6 @@ PREFIX.json (default prefix runlora_out/layer_bench).
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -97,7 +95,7 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import BenchError, environment, resolve_device
+    from ..bench import BenchError, environment, resolve_device, write_csv_json
     from ..layer_bench import (
         LayerSettings,
         format_layer_table,
@@ -142,20 +140,12 @@ def run(args: argparse.Namespace) -> int:
         f"dropout {settings.dropout:g}, criterion {settings.criterion}"
     )
     print(format_layer_table(rows))
-    prefix = Path(args.out)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    csv_path = prefix.with_name(prefix.name + ".csv")
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    json_path = prefix.with_name(prefix.name + ".json")
     doc = {
         "settings": asdict(settings),
         "environment": environment(settings.device),
         "variants": bool(args.variants),
         "rows": rows,
     }
-    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    csv_path, json_path = write_csv_json(Path(args.out), rows, doc)
     print(f"wrote {csv_path}, {json_path}")
     return 0
