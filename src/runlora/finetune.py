@@ -343,28 +343,21 @@ def apply_lora(
 
     ``criterion`` is runlora's planning criterion; PEFT has none.
     """
+    common = dict(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
+    )
     if backend == "peft":
         import peft
 
-        config = peft.LoraConfig(
-            r=r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            target_modules=target_modules,
-            modules_to_save=modules_to_save,
-        )
-        return peft.get_peft_model(model, config)
+        return peft.get_peft_model(model, peft.LoraConfig(**common))
     if backend == "runlora":
         import runlora
 
-        config = runlora.LoraConfig(
-            r=r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            target_modules=target_modules,
-            modules_to_save=modules_to_save,
-            criterion=criterion,
-        )
+        config = runlora.LoraConfig(**common, criterion=criterion)
         return runlora.get_runlora_model(model, config)
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 

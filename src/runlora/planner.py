@@ -156,6 +156,13 @@ def register_criterion(name: str) -> Callable[[Scorer], Scorer]:
     return deco
 
 
+def scored_plan(fwd, bwd, layout: str, problem: Problem, dtype, criterion: str, **fields) -> Plan:
+    """A ``Plan`` for one candidate pair with its FLOP and byte counts filled in."""
+    cost = pair_cost(fwd, bwd, problem)
+    size = _itemsize(dtype)
+    return Plan(fwd.name, bwd.name, layout, cost.flops, cost.bytes(size), criterion, **fields)
+
+
 def _itemsize(dtype: torch.dtype | None) -> int:
     return torch.empty((), dtype=dtype or torch.float32).element_size()
 

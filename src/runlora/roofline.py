@@ -20,7 +20,7 @@ import torch
 
 from .cache import default_cache, device_key
 from .function import _db_from_la, _la, _z
-from .planner import Plan, pair_cost, register_criterion
+from .planner import pair_cost, register_criterion, scored_plan
 from .timing import time_call
 from .variants import LAYOUTS, BackwardVariant, Problem, Product
 
@@ -172,12 +172,12 @@ def _by_roofline(problem, pairs, dtype, device):
         cost = pair_cost(fwd, bwd, problem)
         for layout in LAYOUTS:
             ms = fwd_ms[fwd.name] + bwd_ms[(bwd.name, layout)]
-            plan = Plan(
-                fwd.name,
-                bwd.name,
+            plan = scored_plan(
+                fwd,
+                bwd,
                 layout,
-                cost.flops,
-                cost.bytes(dtype.itemsize),
+                problem,
+                dtype,
                 "roofline",
                 predicted_ms=round(ms, 4),
                 reason=f"lowest roofline prediction: {ms:.3f} ms",

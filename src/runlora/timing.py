@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from .function import run_backward, run_forward
-from .planner import Plan, pair_cost, register_criterion
+from .planner import pair_cost, register_criterion, scored_plan
 from .variants import LAYOUTS, Problem
 
 __all__ = ["time_call", "measure_halves", "TIME_BUDGET_S"]
@@ -144,12 +144,12 @@ def _by_time(problem, pairs, dtype, device):
             ms = fwd_ms[fwd.name] + bwd_ms[(base, layout)]
             cost = pair_cost(fwd, bwd, problem)
             pred = fwd_pred[fwd.name] + bwd_pred[(bwd.name, layout)]
-            plan = Plan(
-                fwd.name,
-                bwd.name,
+            plan = scored_plan(
+                fwd,
+                bwd,
                 layout,
-                cost.flops,
-                cost.bytes(dtype.itemsize),
+                problem,
+                dtype,
                 "time",
                 predicted_ms=round(pred, 4),
                 measured_ms=round(ms, 4),
