@@ -1,9 +1,13 @@
-"""LoRA fine-tuning with runlora under ``accelerate launch`` (DDP, FSDP2 or DeepSpeed).
+"""LoRA fine-tuning with runlora under ``accelerate launch`` (DDP, FSDP2 or DeepSpeed ZeRO-2/3).
 
-Synthetic next-token data on a shipped Llama config, so it runs anywhere (CPU included)::
+Synthetic next-token data on a shipped Llama config, so it runs anywhere::
 
-    accelerate launch --config_file examples/accelerate_configs/fsdp2_cpu.yaml \\
-        examples/accelerate_train.py --model llama_tiny --steps 5 --out out/adapter
+    accelerate launch --config_file examples/accelerate_configs/fsdp2.yaml \\
+        examples/accelerate_train.py --model llama_60m --steps 5 --out out/adapter   # GPUs
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 \\
+        examples/accelerate_train.py --model llama_tiny --steps 5 --out out/adapter  # CPU, DDP
+
+(accelerate 1.15 turns FSDP and DeepSpeed on only with GPUs or other accelerators.)
 
 What runlora adds to a plain accelerate loop: ``sync_plans`` after ``prepare`` (rank 0 plans,
 every rank runs the same plans), and ``save_adapter`` at the end (the adapter tensors are

@@ -44,10 +44,10 @@ def tiny_lora_model(criterion: str = "flops"):
     from runlora.configs import build_model, load_config
 
     base = build_model(load_config("llama_tiny"), seed=0)
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, criterion=criterion
-    )
-    return get_runlora_model(base, config)
+    return get_runlora_model(base, LoraConfig(**_LORA_KWARGS, criterion=criterion))
+
+
+_LORA_KWARGS = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
 
 
 def global_batches(steps: int = STEPS) -> list[torch.Tensor]:
@@ -219,7 +219,100 @@ def _failing_rank(rank: int, out: Path) -> None:
         opt.zero_grad()
 
 
-SCENARIOS = {"ddp_and_plans": _ddp_and_plans, "fsdp": _fsdp, "failing_rank": _failing_rank}
+def _deepspeed(rank: int, out: Path) -> None:
+    """ZeRO-2, ZeRO-3, and ZeRO-3 with the base built partitioned (``zero.Init``), fp32."""
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    import deepspeed
+
+    from runlora.distributed import save_adapter
+
+    def full(p):
+        with deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else _nothing():
+            return p.detach().clone()
+
+    results = {}
+    for label, stage in (("zero2", 2), ("zero3", 3), ("zero3_init", 3), ("zero3_from_peft", 3)):
+        config = {
+            "train_micro_batch_size_per_gpu": LOCAL_BATCH,
+            "gradient_accumulation_steps": 1,
+            # threshold 0: partition every tensor (by default ZeRO-3 keeps small ones whole)
+            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+            "zero_allow_untested_optimizer": True,  # plain SGD, as in the reference
+            "gradient_clipping": 0.0,  # DeepSpeed clips to 1.0 unless told
+        }
+        model = tiny_lora_model()
+        if label in ("zero3_init", "zero3_from_peft"):
+            model = _other_build(label, model, config)
+        q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+        partitioned = hasattr(q_proj.base_layer.weight, "ds_id")
+        frozen_before = {n: full(p) for n, p in model.named_parameters() if not p.requires_grad}
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        losses = []
+        for batch in global_batches():
+            ids = local_rows(batch, rank)
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        lora = {n: full(p).cpu() for n, p in model.named_parameters() if p.requires_grad}
+        frozen_same = all(
+            torch.equal(full(p), frozen_before[n])
+            for n, p in model.named_parameters()
+            if not p.requires_grad
+        )
+        results[label] = {
+            "losses": losses,
+            "lora": lora,
+            "frozen_same": frozen_same,
+            "n_frozen": len(frozen_before),
+            "built_partitioned": partitioned,
+        }
+        if label == "zero3":
+            save_adapter(engine, out / "adapter")
+        del engine
+    torch.save(results, out / f"rank{rank}.pt")
+
+
+def _other_build(label: str, reference, config: dict):
+    """The reference model built another way, with the reference's values: its base born
+    partitioned (as ``from_pretrained`` under ZeRO-3 builds it), or a PEFT model + from_peft."""
+    import deepspeed
+
+    from runlora import LoraConfig, from_peft, get_runlora_model
+    from runlora.configs import build_model, load_config
+
+    if label == "zero3_init":
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            base = build_model(load_config("llama_tiny"), seed=0)
+        model = get_runlora_model(base, LoraConfig(**_LORA_KWARGS))
+    else:
+        import peft
+
+        peft_config = peft.LoraConfig(**_LORA_KWARGS)
+        model = from_peft(peft.get_peft_model(build_model(load_config("llama_tiny")), peft_config))
+    wanted = dict(reference.named_parameters())
+    assert wanted.keys() == dict(model.named_parameters()).keys()
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            p.data.copy_(wanted[name])
+    return model
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+SCENARIOS = {
+    "ddp_and_plans": _ddp_and_plans,
+    "fsdp": _fsdp,
+    "failing_rank": _failing_rank,
+    "deepspeed": _deepspeed,
+}
 
 
 # --- parent side --------------------------------------------------------------------------
@@ -315,6 +408,28 @@ def test_fsdp2_trains_like_one_process_frozen_shards_untouched(tmp_path, referen
     for key, value in saved.items():
         assert (value - trained[key]).abs().max().item() <= ATOL, key
     assert not (tmp_path / "rank1_adapter").exists()
+
+
+def test_deepspeed_zero2_and_zero3_train_like_one_process(tmp_path, reference):
+    """DeepSpeed ZeRO-2/3 (CPU accelerator, gloo): runlora's layers read partitioned weights
+    through ZeRO-3's external-parameter hooks, also with a base built under ``zero.Init`` and for
+    a PEFT model switched by ``from_peft``."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    run_job("deepspeed", tmp_path, timeout_s=JOB_TIMEOUT_S * 4)  # first use builds DeepSpeed's op
+    ranks = rank_results(tmp_path)
+    for r, res in enumerate(ranks):
+        for label in ("zero2", "zero3", "zero3_init", "zero3_from_peft"):
+            run = res[label]
+            assert_same_lora(run["lora"], reference, ATOL, f"DeepSpeed {label} rank {r}")
+            assert run["frozen_same"] and run["n_frozen"] > 0, label
+        assert res["zero3_init"]["built_partitioned"] and not res["zero3"]["built_partitioned"]
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    trained = {k.replace(".default.", "."): v for k, v in reference["trained"].items()}
+    assert saved.keys() == trained.keys()
+    for key, value in saved.items():
+        assert (value - trained[key]).abs().max().item() <= ATOL, key
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):

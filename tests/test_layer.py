@@ -189,3 +189,35 @@ def test_fp32_adapters_on_a_bf16_base_run_in_bf16_and_train_in_fp32():
     y.float().square().sum().backward()
     assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
     assert x.grad.dtype == torch.bfloat16
+
+
+def _zero3_partitioned(layer: nn.Linear) -> nn.Linear:
+    """Make ``layer`` look like DeepSpeed ZeRO-3 left it: empty data, full shape in ds_shape."""
+    for p in layer.parameters():
+        p.ds_shape, p.ds_id = tuple(p.shape), id(p)
+        p.data = torch.empty(0)
+    return layer
+
+
+def test_a_base_partitioned_by_zero3_is_wrapped_from_its_full_shape():
+    layer = RunLoRALinear(_zero3_partitioned(nn.Linear(12, 5)), r=3)
+    assert (layer.in_features, layer.out_features) == (12, 5)
+    assert layer.lora_A["default"].weight.shape == (3, 12)
+    assert layer.lora_B["default"].weight.shape == (5, 3)
+
+
+def test_a_wrapped_layer_pickles_and_deep_copies():
+    import copy
+    import io
+
+    layer = RunLoRALinear(nn.Linear(6, 4), r=2, init_lora_weights=False)
+    x = torch.randn(3, 6)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.lora_B["default"].weight.add_(1.0)
+    assert not torch.allclose(twin(x), layer(x))  # the copy reads its own weights
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(again(x), layer(x), rtol=0, atol=0)

@@ -284,9 +284,12 @@ def _signature(plan: Plan) -> tuple[str, str, str, str]:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP (or accelerate's / torch.compile's wrappers); FSDP2 wraps in place."""
+    """The model inside DDP, a DeepSpeed engine (or accelerate's / torch.compile's wrappers);
+    FSDP2 wraps in place."""
     while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        if isinstance(model, nn.parallel.DistributedDataParallel) or (
+            type(model).__name__ == "DeepSpeedEngine" and isinstance(model.module, nn.Module)
+        ):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
