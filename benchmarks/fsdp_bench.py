@@ -1,8 +1,10 @@
-"""runlora vs PEFT under FSDP2 on CPU: per-rank step time and memory, N ranks over gloo.
+"""runlora vs PEFT under FSDP2 (or DeepSpeed ZeRO-3) on CPU: per-rank step time and memory.
 
-Each arm (runlora, PEFT) runs in its own fresh set of processes, so peak RSS is the arm's own.
-Every rank builds the same model (seed 0), adds LoRA adapters, shards each decoder layer and the
-root with ``fully_shard``, and trains on synthetic tokens. Per rank it reports:
+Each arm (runlora, PEFT) runs in its own fresh set of N processes over gloo, so peak RSS is the
+arm's own. Every rank builds the same model (seed 0), adds LoRA adapters, shards it (FSDP2:
+``fully_shard`` on each decoder layer and the root; ``--engine zero3``: ``deepspeed.initialize``
+with ZeRO stage 3 and DeepSpeed's defaults otherwise) and trains on synthetic tokens with AdamW.
+Per rank it reports:
 
 - step ms: median forward + backward + optimizer step, the ranks aligned by a barrier;
 - saved MiB: bytes autograd keeps for backward in one step (each storage once, parameters
@@ -11,6 +13,7 @@ root with ``fully_shard``, and trains on synthetic tokens. Per rank it reports:
 
     python benchmarks/fsdp_bench.py --model llama_60m --nproc 2 --batch-size 4 --seq-len 256 \\
         --out benchmarks/results/fsdp_llama_60m.json
+    python benchmarks/fsdp_bench.py --engine zero3 ...   # needs pip install deepspeed
 
 Ratios (runlora / PEFT) are printed per rank. Run nothing else on the machine meanwhile.
 """
@@ -39,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama_60m", help="shipped config name or config path")
     p.add_argument("--nproc", type=int, default=2, help="ranks (processes)")
+    p.add_argument("--engine", choices=("fsdp2", "zero3"), default="fsdp2")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per rank and step")
     p.add_argument("--seq-len", type=int, default=256)
@@ -90,8 +94,6 @@ def saved_bytes(step) -> int:
 
 
 def worker(rank: int, arm: str, args: argparse.Namespace, port: int, out: str) -> None:
-    from torch.distributed.fsdp import fully_shard
-
     torch.set_num_threads(args.threads)
     dist.init_process_group(
         "gloo",
@@ -102,19 +104,39 @@ def worker(rank: int, arm: str, args: argparse.Namespace, port: int, out: str) -
     )
     try:
         model = build(arm, args)
-        for block in model.get_base_model().model.layers:
-            fully_shard(block)
-        fully_shard(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=1e-4)
+        if args.engine == "zero3":
+            import deepspeed
+
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc))
+            config = {
+                "train_micro_batch_size_per_gpu": args.batch_size,
+                "zero_optimization": {"stage": 3},
+                "zero_allow_untested_optimizer": True,
+                "gradient_clipping": 0.0,
+            }
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.get_base_model().model.layers:
+                fully_shard(block)
+            fully_shard(model)
+            engine = None
         if arm == "runlora":
             from runlora.distributed import sync_plans
 
             sync_plans(model, n_tokens=args.batch_size * args.seq_len)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         gen = torch.Generator().manual_seed(rank)
         vocab = model.get_base_model().config.vocab_size
 
         def step() -> None:
             ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen)
+            if engine is not None:
+                engine.backward(engine(input_ids=ids, labels=ids).loss)
+                engine.step()
+                return
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -177,7 +199,8 @@ def main(argv=None) -> int:
     results = {arm: run_arm(arm, args) for arm in args.arms}
     mib = 2**20
     print(
-        f"{args.model}, FSDP2 over gloo, {args.nproc} ranks x {args.threads} threads, batch "
+        f"{args.model}, {'FSDP2' if args.engine == 'fsdp2' else 'DeepSpeed ZeRO-3'} over gloo, "
+        f"{args.nproc} ranks x {args.threads} threads, batch "
         f"{args.batch_size} x {args.seq_len} per rank, r={args.lora_r}, fp32"
         + (", gradient checkpointing" if args.gradient_checkpointing else "")
     )

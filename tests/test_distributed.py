@@ -224,7 +224,7 @@ def _deepspeed(rank: int, out: Path) -> None:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(WORLD))
     import deepspeed
 
-    from runlora.distributed import save_adapter
+    from runlora.distributed import save_adapter, sync_plans
 
     def full(p):
         with deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else _nothing():
@@ -248,6 +248,7 @@ def _deepspeed(rank: int, out: Path) -> None:
         frozen_before = {n: full(p) for n, p in model.named_parameters() if not p.requires_grad}
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        plans = sync_plans(engine, n_tokens=LOCAL_BATCH * SEQ)  # reads partitioned shapes
         losses = []
         for batch in global_batches():
             ids = local_rows(batch, rank)
@@ -267,6 +268,8 @@ def _deepspeed(rank: int, out: Path) -> None:
             "frozen_same": frozen_same,
             "n_frozen": len(frozen_before),
             "built_partitioned": partitioned,
+            "plans": {repr(k): v.to_dict() for k, v in plans.items()},
+            "plan_shapes": {(k.in_features, k.out_features, k.r) for k in plans},
         }
         if label == "zero3":
             save_adapter(engine, out / "adapter")
@@ -425,6 +428,10 @@ def test_deepspeed_zero2_and_zero3_train_like_one_process(tmp_path, reference):
             assert_same_lora(run["lora"], reference, ATOL, f"DeepSpeed {label} rank {r}")
             assert run["frozen_same"] and run["n_frozen"] > 0, label
         assert res["zero3_init"]["built_partitioned"] and not res["zero3"]["built_partitioned"]
+        for label in ("zero2", "zero3", "zero3_init", "zero3_from_peft"):
+            # sync_plans read the full (in, out, r) of partitioned adapters; ranks agree
+            assert res[label]["plan_shapes"] == {(64, 64, 4), (64, 176, 4), (176, 64, 4)}, label
+            assert res[label]["plans"] == ranks[0][label]["plans"], label
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     trained = {k.replace(".default.", "."): v for k, v in reference["trained"].items()}
     assert saved.keys() == trained.keys()

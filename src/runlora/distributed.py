@@ -91,7 +91,7 @@ def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _layer_request(layer: nn.Module, n_tokens: int, needs_input_grad: bool) -> PlanRequest:
-    from .layer import RunLoRALinear, _dropout_p, base_args_fn
+    from .layer import RunLoRALinear, _dropout_p, base_args_fn, full_shape
 
     if isinstance(layer, RunLoRALinear):
         adapter, criterion = layer.active_adapter, layer.criterion
@@ -99,14 +99,15 @@ def _layer_request(layer: nn.Module, n_tokens: int, needs_input_grad: bool) -> P
         adapter, criterion = layer.active_adapters[0], layer.runlora_criterion
     base = layer.get_base_layer()
     _, bias, quant = base_args_fn(base)(base, layer.fan_in_fan_out)
-    lora_a = layer.lora_A[adapter].weight  # (r, in); under FSDP2 a DTensor of the full shape
-    lora_b = layer.lora_B[adapter].weight  # (out, r)
+    # (r, in) and (out, r); under FSDP2 DTensors of the full shape, under ZeRO-3 partitions
+    r, in_features = full_shape(layer.lora_A[adapter].weight)
+    out_features = full_shape(layer.lora_B[adapter].weight)[0]
     dropout = _dropout_p(layer.lora_dropout[adapter]) if layer.training else 0.0
     return PlanRequest(
         bucket_tokens(n_tokens),
-        lora_a.shape[1],
-        lora_b.shape[0],
-        lora_a.shape[0],
+        in_features,
+        out_features,
+        r,
         criterion,
         needs_input_grad,
         bias is not None,

@@ -73,16 +73,18 @@ register_base_kind(lambda m: isinstance(m, nn.Linear) or _is_conv1d(m), _dense_a
 register_base_kind(lambda m: _quantized_handler(m) is not None, _quantized_handler)
 
 
-def _out_in(layer: nn.Module, weight, quant, fan_in_fan_out: bool) -> tuple[int, int]:
-    """``(out, in)`` of the base weight, also when DeepSpeed ZeRO-3 has partitioned it (its
-    parameters are then empty and carry the full shape as ``ds_shape``)."""
+def full_shape(param: Tensor) -> torch.Size:
+    """``param.shape``, or its whole shape when DeepSpeed ZeRO-3 has partitioned it (the
+    parameter is then empty and carries the full shape as ``ds_shape``)."""
+    ds_shape = getattr(param, "ds_shape", None)
+    return param.shape if ds_shape is None else torch.Size(ds_shape)
+
+
+def _out_in(layer: nn.Module, quant, fan_in_fan_out: bool) -> tuple[int, int]:
+    """``(out, in)`` of the base weight, also when DeepSpeed ZeRO-3 has partitioned it."""
     if quant is not None:
         return tuple(quant.shape)
-    stored = getattr(layer, "weight", None)
-    ds_shape = getattr(stored, "ds_shape", None)
-    if ds_shape is None:
-        return tuple(weight.shape)
-    out_f, in_f = ds_shape
+    out_f, in_f = full_shape(layer.weight)
     return (in_f, out_f) if fan_in_fan_out else (out_f, in_f)
 
 
@@ -220,10 +222,8 @@ class RunLoRALinear(nn.Module):
         self.base_layer = base_layer
         self._base_args_fn = base_args_fn(base_layer)
         self.fan_in_fan_out = bool(fan_in_fan_out)
-        weight, _, quant = self._base_weight_args()
-        self.out_features, self.in_features = _out_in(
-            base_layer, weight, quant, self.fan_in_fan_out
-        )
+        quant = self._base_weight_args()[2]
+        self.out_features, self.in_features = _out_in(base_layer, quant, self.fan_in_fan_out)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
