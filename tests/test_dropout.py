@@ -32,6 +32,7 @@ MERGED_PAIRS = [pair for pair in ALL_PAIRS if pair not in SPLIT_PAIRS]
 PROBE_FEATURES = 16
 PROBE_TOKENS = 64
 PROBE_DROPOUT = 0.5
+SPARSE_P = 0.2  # at most runlora.dropout.SPARSE_MAX_P: drawn as drop positions on CPU
 # Expectation test: one row repeated, so the token mean estimates E[Y] for that row.
 EXPECTATION_TOKENS = 4096
 SIGMAS = 5.0
@@ -43,47 +44,49 @@ PLANNER_SHAPES = [
 ]
 
 
-def _probe(plan, layout: str):
+def _probe(plan, layout: str, p: float = PROBE_DROPOUT):
     """Run the identity probe; return (Y, dX, dA, dB, dY)."""
     eye = torch.eye(PROBE_FEATURES, dtype=torch.float64)
     x = torch.ones(PROBE_TOKENS, PROBE_FEATURES, dtype=torch.float64, requires_grad=True)
     a = eye.clone().requires_grad_()
     b = eye.clone().requires_grad_()
     w = torch.zeros(PROBE_FEATURES, PROBE_FEATURES, dtype=torch.float64)
-    y = lora_linear(x, w, a, b, scaling=1.0, dropout=PROBE_DROPOUT, plan=Plan(*plan, layout))
+    y = lora_linear(x, w, a, b, scaling=1.0, dropout=p, plan=Plan(*plan, layout))
     dy = torch.randn_like(y)
     y.backward(dy)
     return y.detach(), x.grad, a.grad, b.grad, dy
 
 
-def _assert_backward_saw_forward_mask(plan, layout: str) -> None:
-    y, dx, da, db, dy = _probe(plan, layout)
+def _assert_backward_saw_forward_mask(plan, layout: str, p: float = PROBE_DROPOUT) -> None:
+    y, dx, da, db, dy = _probe(plan, layout, p)
     # Y = keep / (1 - p): the forward's mask is readable from Y itself.
-    assert set(y.unique().tolist()) <= {0.0, 1.0 / (1.0 - PROBE_DROPOUT)}
+    assert set(y.unique().tolist()) <= {0.0, 1.0 / (1.0 - p)}
     # dX = s · keep / (1 - p) ⊙ (dY B A) = dY ⊙ Y, dA = s · (dY B)ᵀ L = dYᵀ Y, dB = dYᵀ (L Aᵀ).
     torch.testing.assert_close(dx, dy * y, rtol=0, atol=1e-12)
     torch.testing.assert_close(da, dy.t() @ y)
     torch.testing.assert_close(db, dy.t() @ y)
 
 
+@pytest.mark.parametrize("p", [PROBE_DROPOUT, SPARSE_P])  # dense and sparse masks on CPU
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(("forward", "backward"), SPLIT_PAIRS)
-def test_backward_uses_the_forward_mask(forward, backward, layout):
-    _assert_backward_saw_forward_mask((forward, backward), layout)
+def test_backward_uses_the_forward_mask(forward, backward, layout, p):
+    _assert_backward_saw_forward_mask((forward, backward), layout, p)
 
 
-def test_mask_probe_catches_a_backward_with_another_mask(monkeypatch):
+@pytest.mark.parametrize("p", [PROBE_DROPOUT, SPARSE_P])
+def test_mask_probe_catches_a_backward_with_another_mask(monkeypatch, p):
     """The probe above would fail if backward drew its own mask."""
-    original = function._keep_mask
+    original = function._draw_mask
     calls = []
 
     def another_mask_in_backward(x2d, p, seed):
         calls.append(seed)
         return original(x2d, p, seed + (len(calls) > 1))
 
-    monkeypatch.setattr(function, "_keep_mask", another_mask_in_backward)
+    monkeypatch.setattr(function, "_draw_mask", another_mask_in_backward)
     with pytest.raises(AssertionError):
-        _assert_backward_saw_forward_mask(SPLIT_PAIRS[0], "tuned")
+        _assert_backward_saw_forward_mask(SPLIT_PAIRS[0], "tuned", p)
 
 
 def test_mask_drops_the_requested_fraction():

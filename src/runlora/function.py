@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
+from .dropout import DropMask, draw_mask
 from .planner import Plan, as_plan, plan_for
 from .variants import BackwardVariant, ForwardVariant
 
@@ -66,21 +67,15 @@ def _new_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
+def _draw_mask(x2d: Tensor, p: float, seed: int) -> DropMask:
+    """The dropout mask for ``x2d`` drawn from ``seed`` (see ``runlora.dropout``). Forward and
+    backward both call this, so a test can swap it to check that backward sees forward's mask."""
+    return draw_mask(x2d, p, seed)
+
+
 def _keep_mask(x2d: Tensor, p: float, seed: int) -> Tensor:
-    """The dropout keep mask ``(N, in)`` (bool) drawn from ``seed``: same seed, same mask.
-
-    Uniforms are drawn in fp32 whatever x's dtype, so p is honoured exactly in bf16/fp16 too.
-    """
-    gen = torch.Generator(device=x2d.device)
-    gen.manual_seed(seed)
-    return torch.rand(x2d.shape, generator=gen, device=x2d.device, dtype=torch.float32) >= p
-
-
-def _apply_mask(x2d: Tensor, keep: Tensor) -> Tensor:
-    """X ⊙ keep, in a fresh buffer: dropout(X) without its 1 / (1 - p). The op folds that factor
-    into the LoRA branch's scaling (s / (1 - p)), which only ever multiplies rank-r terms, and so
-    saves a pass over the ``(N, in)`` tensor in forward and in backward."""
-    return x2d * keep
+    """The keep mask ``(N, in)`` (bool) the op uses for ``seed``: same seed, same mask."""
+    return _draw_mask(x2d, p, seed).keep()
 
 
 # --- forward and backward orders -----------------------------------------------------------
@@ -132,7 +127,7 @@ def run_backward(
     b: Tensor,
     s: float,
     lx: Tensor | None,
-    keep: Tensor | None,
+    mask: DropMask | None,
     la: Tensor | None,
     need_x: bool,
     need_lora: bool,
@@ -140,8 +135,8 @@ def run_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dX ``(N, in)``, dA ``(r, in)``, dB ``(out, r)``) by order ``bwd``; None where not needed.
 
-    ``lx`` is the LoRA input (x, or x ⊙ keep with dropout), ``keep`` the dropout's keep mask
-    ``(N, in)`` or None, ``s`` the LoRA branch's scaling (with dropout, s / (1 - p), so that
+    ``lx`` is the LoRA input (x, or x ⊙ keep with dropout), ``mask`` the dropout's
+    ``DropMask`` or None, ``s`` the LoRA branch's scaling (with dropout, s / (1 - p), so that
     s·lx = s_user·dropout(x)), ``la`` a saved L Aᵀ or None. ``w_owned``: ``weight_fn``
     returns a fresh buffer each call, which the merged orders may overwrite.
     """
@@ -153,9 +148,9 @@ def run_backward(
         if bwd.dx == "merged":
             return dy @ _merge(w, a, b, s, w_owned)
         dx = dy @ w  # (N, in)
-        if keep is None:
+        if mask is None:
             return _addmm_into(dx, z, a, alpha=s)
-        return dx.addcmul_(z @ a, keep, value=s)  # dY W + s·(Z A) ⊙ keep, one pass
+        return mask.add_masked_(dx, z @ a, s)  # dY W + s·(Z A) ⊙ keep
 
     dx = input_grad() if need_x and bwd.dx_first else None
     da = db = None
@@ -187,7 +182,7 @@ class _LoRAFunction(torch.autograd.Function):
         lx = x2d
         if dropout > 0.0:
             seed = _new_seed()
-            lx = _apply_mask(x2d, _keep_mask(x2d, dropout, seed))
+            lx = _draw_mask(x2d, dropout, seed).apply(x2d)
             scaling = scaling / (1.0 - dropout)  # the dropout's 1 / (1 - p), on rank-r terms
         y, la = run_forward(fwd, x2d, w, lora_a, lora_b, bias, scaling, lx, quant is not None)
         del w, lx
@@ -204,11 +199,11 @@ class _LoRAFunction(torch.autograd.Function):
         in_features = x.shape[-1]
         dy = grad_out.reshape(-1, grad_out.shape[-1])
         x2d = x.reshape(-1, in_features)
-        keep = None
+        mask = None
         lx = x2d
         if ctx.dropout > 0.0:
-            keep = _keep_mask(x2d, ctx.dropout, ctx.seed)
-            lx = _apply_mask(x2d, keep)
+            mask = _draw_mask(x2d, ctx.dropout, ctx.seed)
+            lx = mask.apply(x2d)
         quant = ctx.quant
 
         def weight_fn() -> Tensor:
@@ -224,7 +219,7 @@ class _LoRAFunction(torch.autograd.Function):
             lora_b,
             ctx.scaling,
             lx,
-            keep,
+            mask,
             la,
             need_x,
             need_a or need_b,
