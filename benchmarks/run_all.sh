@@ -16,6 +16,10 @@ for r in 8 128; do for d in 0 0.1; do
       --seq-len 256 -r $r -a 16 -d $d --dtype fp32 --device cpu --min-run-time 20 \
       -o $OUT/model_r${r}_d${d}
 done; done
+for r in 8 128; do  # the sparse-dropout-mask re-runs recorded in RESULTS.md
+  run $PY -m runlora bench -m llama_60m llama_130m --batch-size 4 --seq-len 256 -r $r -a 16 \
+      -d 0.1 --dtype fp32 --device cpu --min-run-time 20 -o $OUT/model_r${r}_d0.1_sparse
+done
 run $PY -m runlora bench -m llama_60m llama_130m --batch-size 4 --seq-len 256 -r 8 -a 16 \
     --dtype fp32 --device cpu --quant 4bit --min-run-time 20 -o $OUT/model_qlora4_r8
 run $PY benchmarks/regret.py --budget 0.25 --out $OUT/regret_cpu.json
