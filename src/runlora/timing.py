@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from .dropout import draw_mask
 from .function import run_backward, run_forward
 from .planner import pair_cost, register_criterion, scored_plan
 from .variants import LAYOUTS, Problem
@@ -81,10 +82,10 @@ def measure_halves(
     """Median ms of each forward variant and each (backward variant, layout) on ``problem``."""
     x, w, a, b, dy, bias = _operands(problem, dtype, device)
     lx = x
-    keep = None
-    if problem.dropout:
-        keep = torch.rand(x.shape, device=device) >= 0.1
-        lx = x * keep
+    mask = None
+    if problem.dropout:  # a typical p; the mask is drawn as the op draws it
+        mask = draw_mask(x, 0.1, seed=0)
+        lx = mask.apply(x)
     share = budget_s / max(1, len(forwards) + len(backwards))
     fwd_ms = {}
     with torch.no_grad():
@@ -105,7 +106,7 @@ def measure_halves(
                     b,
                     1.0,
                     lx,
-                    keep,
+                    mask,
                     None,
                     problem.needs_input_grad,
                     problem.needs_lora_grad,
