@@ -463,7 +463,7 @@ def test_plan_requests_are_the_distinct_layer_shapes():
 def test_installed_plans_are_used_without_measuring(tmp_path, monkeypatch):
     import runlora.roofline
     from runlora.distributed import PlanRequest
-    from runlora.planner import Plan, _memo_plan, install_plans
+    from runlora.planner import Plan, clear_plan_memo, install_plans
 
     monkeypatch.setenv("RUNLORA_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(runlora.roofline, "time_call", lambda *a, **k: pytest.fail("measured"))
@@ -473,4 +473,4 @@ def test_installed_plans_are_used_without_measuring(tmp_path, monkeypatch):
         assert install_plans([(vars(request), chosen.to_dict())]) == 1
         assert request.plan() == chosen
     finally:
-        _memo_plan.cache_clear()
+        clear_plan_memo()

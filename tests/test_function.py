@@ -180,6 +180,13 @@ def test_no_grad_and_inference_mode(plan, lora_inputs):
     torch.testing.assert_close(y, expected.detach())
     with torch.inference_mode():
         torch.testing.assert_close(inputs.run(plan=plan), expected.detach())
+    # grad mode on, nothing requiring grad: no autograd node either
+    for t in (inputs.x_leaf, inputs.lora_a, inputs.lora_b, inputs.bias):
+        if t is not None:
+            t.requires_grad_(False)
+    y = inputs.run(plan=plan)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, expected.detach())
 
 
 @pytest.mark.parametrize("plan", SAMPLE_PLANS, ids=_plan_id)

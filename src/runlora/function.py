@@ -171,26 +171,34 @@ def run_backward(
     return dx, da, db
 
 
+def _forward(x, weight, lora_a, lora_b, bias, scaling, dropout, plan, quant):
+    """The planned forward: ``(y (..., out), X Aᵀ or None, the LoRA scaling used, mask seed)``."""
+    x2d = x.reshape(-1, x.shape[-1])
+    w = weight if quant is None else quant.dequantize(x.dtype)  # fresh (out, in) when quantized
+    seed = None
+    lx = x2d
+    if dropout > 0.0:
+        seed = _new_seed()
+        lx = _draw_mask(x2d, dropout, seed).apply(x2d)
+        scaling = scaling / (1.0 - dropout)  # the dropout's 1 / (1 - p), on rank-r terms
+    y, la = run_forward(
+        plan.forward_variant, x2d, w, lora_a, lora_b, bias, scaling, lx, quant is not None
+    )
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y, la, scaling, seed
+
+
 class _LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, dropout, plan, keep_la, quant):
-        fwd, bwd, layout = plan.forward_variant, plan.backward_variant, plan.layout
-        in_features = x.shape[-1]
-        x2d = x.reshape(-1, in_features)
-        w = weight if quant is None else quant.dequantize(x.dtype)  # fresh (out, in) when quantized
-        seed = None
-        lx = x2d
-        if dropout > 0.0:
-            seed = _new_seed()
-            lx = _draw_mask(x2d, dropout, seed).apply(x2d)
-            scaling = scaling / (1.0 - dropout)  # the dropout's 1 / (1 - p), on rank-r terms
-        y, la = run_forward(fwd, x2d, w, lora_a, lora_b, bias, scaling, lx, quant is not None)
-        del w, lx
+        y, la, scaling, seed = _forward(
+            x, weight, lora_a, lora_b, bias, scaling, dropout, plan, quant
+        )
         ctx.save_for_backward(x, weight, lora_a, lora_b, la if keep_la else None)
         ctx.scaling, ctx.dropout, ctx.seed = scaling, dropout, seed
-        ctx.bwd, ctx.layout, ctx.quant = bwd, layout, quant
-        ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        ctx.bwd, ctx.layout, ctx.quant = plan.backward_variant, plan.layout, quant
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -232,6 +240,54 @@ class _LoRAFunction(torch.autograd.Function):
 
 
 def _check(x, weight, lora_a, lora_b, bias, scaling, dropout) -> None:
+    """Raise a clear error for bad arguments; silent (and cheap) when all is well."""
+    if _looks_valid(x, weight, lora_a, lora_b, bias, scaling, dropout):
+        return
+    _explain(x, weight, lora_a, lora_b, bias, scaling, dropout)
+
+
+def _looks_valid(x, weight, lora_a, lora_b, bias, scaling, dropout) -> bool:
+    """The hot path's test: every condition ``_explain`` checks, without building messages."""
+    if not (
+        isinstance(x, Tensor)
+        and isinstance(weight, Tensor)
+        and isinstance(lora_a, Tensor)
+        and isinstance(lora_b, Tensor)
+        and (bias is None or isinstance(bias, Tensor))
+        and weight.dim() == 2
+        and lora_a.dim() == 2
+        and lora_b.dim() == 2
+        and x.dim() >= 1
+        and x.is_floating_point()
+        and not weight.requires_grad
+        and type(scaling) in (float, int)
+        and math.isfinite(scaling)
+        and type(dropout) in (float, int)
+        and 0.0 <= dropout < 1.0
+    ):
+        return False
+    out_f, in_f = weight.shape
+    r, a_in = lora_a.shape
+    dtype, device = x.dtype, x.device
+    return (
+        r >= 1
+        and x.shape[-1] == in_f
+        and a_in == in_f
+        and lora_b.shape == (out_f, r)
+        and weight.dtype == dtype
+        and lora_a.dtype == dtype
+        and lora_b.dtype == dtype
+        and weight.device == device
+        and lora_a.device == device
+        and lora_b.device == device
+        and (
+            bias is None
+            or (bias.shape == (out_f,) and bias.dtype == dtype and bias.device == device)
+        )
+    )
+
+
+def _explain(x, weight, lora_a, lora_b, bias, scaling, dropout) -> None:
     tensors = {"x": x, "weight": weight, "lora_A": lora_a, "lora_B": lora_b}
     if bias is not None:
         tensors["bias"] = bias
@@ -379,6 +435,20 @@ def lora_linear(
         plan = as_plan(plan, dropout=p > 0.0)
     # Autocast would otherwise cast some products inside the Function and not others.
     with torch.autocast(x.device.type, enabled=False) if cast_to is not None else nullcontext():
+        if not _needs_graph(x, lora_A, lora_B, bias):  # inference: no autograd node at all
+            return _forward(x, weight, lora_A, lora_B, bias, float(scaling), p, plan, quant)[0]
         return _LoRAFunction.apply(
             x, weight, lora_A, lora_B, bias, float(scaling), p, plan, keep_xa, quant
         )
+
+
+def _needs_graph(x: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Tensor | None) -> bool:
+    """True if autograd would record the op: grad mode on and some input requiring grad."""
+    if not torch.is_grad_enabled():
+        return False
+    return (
+        x.requires_grad
+        or lora_a.requires_grad
+        or lora_b.requires_grad
+        or (bias is not None and bias.requires_grad)
+    )

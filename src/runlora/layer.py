@@ -326,7 +326,7 @@ class RunLoRALinear(nn.Module):
             plan=None if self.plan is None else as_plan(self.plan),
         )
         if not torch.compiler.is_compiling():
-            self._last_plan = (token_bucket(x.numel() // max(1, x.shape[-1])), plan)
+            self._last_plan = (x.numel() // max(1, x.shape[-1]), plan)  # (tokens, plan)
         return y
 
     def delta_weight(self, adapter_name: str | None = None) -> Tensor:
@@ -358,6 +358,7 @@ class RunLoRALinear(nn.Module):
             plan = f"{as_plan(self.plan).forward}/{as_plan(self.plan).backward} (fixed)"
         elif self._last_plan is not None:
             n, p = self._last_plan
+            n = token_bucket(n)
             plan = f"{p.forward}/{p.backward} ({p.criterion}, N≤{n})"
         else:
             plan = f"by {self.criterion} at first call"

@@ -294,8 +294,15 @@ def plan_for(
 ) -> Plan:
     """``plan_layer`` for the hot path: N is bucketed (``bucket_tokens``) and plans are memoised
     in-process, so a layer calls this on every forward at the cost of a dict lookup."""
+    key = (
+        n_tokens, in_features, out_features, r, criterion, needs_input_grad, bias,
+        dropout > 0.0, dtype, device, quantized,
+    )  # fmt: skip
+    plan = _SEEN.get(key)
+    if plan is not None:
+        return plan
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    return _memo_plan(
+    plan = _memo_plan(
         bucket_tokens(max(1, n_tokens)),
         in_features,
         out_features,
@@ -308,6 +315,22 @@ def plan_for(
         str(dev),
         bool(quantized),
     )
+    if len(_SEEN) >= _SEEN_MAX:
+        _SEEN.clear()
+    _SEEN[key] = plan
+    return plan
+
+
+#: plan_for's arguments as given (N not bucketed, device as passed) -> its Plan: one dict lookup
+#: on the hot path before the bucketing and device normalisation ``_memo_plan`` needs.
+_SEEN: dict[tuple, Plan] = {}
+_SEEN_MAX = 1 << 16
+
+
+def clear_plan_memo() -> None:
+    """Forget the in-process plans (the next call of each shape plans, or reads the cache)."""
+    _SEEN.clear()
+    _memo_plan.cache_clear()
 
 
 @functools.lru_cache(maxsize=8192)
@@ -367,5 +390,5 @@ def install_plans(
         items[key] = dict(plan_dict)
     if items:
         default_cache().put_many("plans", items)
-    _memo_plan.cache_clear()
+    clear_plan_memo()
     return len(items)
