@@ -14,6 +14,7 @@ Per rank it reports:
     python benchmarks/fsdp_bench.py --model llama_60m --nproc 2 --batch-size 4 --seq-len 256 \\
         --out benchmarks/results/fsdp_llama_60m.json
     python benchmarks/fsdp_bench.py --engine zero3 ...   # needs pip install deepspeed
+    python benchmarks/fsdp_bench.py --repeats 3 ...      # alternate launches: steadier ratios
 
 Ratios (runlora / PEFT) are printed per rank. Run nothing else on the machine meanwhile.
 """
@@ -52,6 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="launch the arms this many times, alternating; step ms is the median over all "
+        "timed steps of all launches, and the per-launch ratios are printed",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds per arm before giving up")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args(argv)
@@ -193,10 +201,33 @@ def run_arm(arm: str, args: argparse.Namespace) -> list[dict]:
         return json.loads(Path(out).read_text())
 
 
+def _merge_launches(runs: list[list[dict]]) -> list[dict]:
+    """One row per rank over several launches: median step over all their timed steps, the
+    largest saved bytes and peak RSS, and each launch's own median."""
+    merged = []
+    for rank_rows in zip(*runs, strict=True):
+        steps = [ms for row in rank_rows for ms in row["step_ms_all"]]
+        merged.append(
+            {
+                "rank": rank_rows[0]["rank"],
+                "step_ms": statistics.median(steps),
+                "step_ms_all": steps,
+                "step_ms_per_launch": [row["step_ms"] for row in rank_rows],
+                "saved_bytes": max(row["saved_bytes"] for row in rank_rows),
+                "peak_rss_bytes": max(row["peak_rss_bytes"] for row in rank_rows),
+            }
+        )
+    return merged
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    results = {arm: run_arm(arm, args) for arm in args.arms}
+    launches: dict[str, list[list[dict]]] = {arm: [] for arm in args.arms}
+    for _ in range(args.repeats):
+        for arm in args.arms:
+            launches[arm].append(run_arm(arm, args))
+    results = {arm: _merge_launches(runs) for arm, runs in launches.items()}
     mib = 2**20
     print(
         f"{args.model}, {'FSDP2' if args.engine == 'fsdp2' else 'DeepSpeed ZeRO-3'} over gloo, "
@@ -213,10 +244,17 @@ def main(argv=None) -> int:
             )
     if set(ARMS) <= results.keys():
         for ours, theirs in zip(results["runlora"], results["peft"], strict=True):
+            per_launch = [
+                f"{a / b:.3f}"
+                for a, b in zip(
+                    ours["step_ms_per_launch"], theirs["step_ms_per_launch"], strict=True
+                )
+            ]
             print(
                 f"rank {ours['rank']}: runlora / PEFT step time "
-                f"{ours['step_ms'] / theirs['step_ms']:.3f}, saved bytes "
-                f"{ours['saved_bytes'] / max(1, theirs['saved_bytes']):.3f}"
+                f"{ours['step_ms'] / theirs['step_ms']:.3f} (per launch: {', '.join(per_launch)}),"
+                f" saved bytes {ours['saved_bytes'] / max(1, theirs['saved_bytes']):.3f}, "
+                f"peak RSS {ours['peak_rss_bytes'] / max(1, theirs['peak_rss_bytes']):.3f}"
             )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,6 @@ run $PY -m runlora finetune -m llama_60m --compare --steps 200 --batch-size 4 --
 HF_HUB_OFFLINE=1 run $PY -m runlora finetune -m minilm --compare --epochs 2 --batch-size 16 \
     --seq-len 128 --lr 2e-3 -r 8 -a 16 --seed 0 --no-progress -o $OUT/finetune_minilm
 run $PY benchmarks/fsdp_bench.py --model llama_60m --nproc 2 --batch-size 4 --seq-len 256 \
-    --steps 10 --out $OUT/fsdp_llama_60m.json
+    --steps 6 --repeats 3 --out $OUT/fsdp_llama_60m.json
 run $PY benchmarks/fsdp_bench.py --model llama_60m --nproc 2 --batch-size 4 --seq-len 256 \
     --steps 10 --engine zero3 --out $OUT/zero3_llama_60m.json
