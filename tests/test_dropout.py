@@ -235,3 +235,22 @@ def test_activation_checkpointing_gives_the_same_gradients(
 
     for plain, checkpointed in zip(step(False), step(True), strict=True):
         torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [PROBE_DROPOUT, SPARSE_P])
+@pytest.mark.parametrize(("forward", "backward"), SPLIT_PAIRS[::5])
+def test_frozen_adapter_input_grad_sees_the_forward_mask(forward, backward, p):
+    """Only dX needed (A, B frozen): backward applies the regenerated mask to dX alone."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 10, dtype=torch.float64, generator=g, requires_grad=True)
+    shapes = ((7, 10), (3, 10), (7, 3))  # W, A, B: frozen
+    w, a, b = (torch.randn(*s, dtype=torch.float64, generator=g) for s in shapes)
+    torch.manual_seed(1)
+    y = lora_linear(x, w, a, b, scaling=0.7, dropout=p, plan=Plan(forward, backward))
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    y.backward(dy)
+    torch.manual_seed(1)
+    keep = function._keep_mask(x.detach(), p, function._new_seed()).double()
+    x2 = x.detach().clone().requires_grad_()
+    (x2 @ w.t() + 0.7 * ((x2 * keep / (1 - p)) @ a.t()) @ b.t()).backward(dy)
+    torch.testing.assert_close(x.grad, x2.grad)

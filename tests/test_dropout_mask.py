@@ -89,3 +89,11 @@ def test_apply_and_masked_add_equal_the_dense_formulas(n, i, p, seed, transposed
     bound = 2 * torch.finfo(dtype).eps * (acc.double().abs() + t.double().abs())
     assert torch.all((got.double() - want).abs() <= bound)
     assert torch.equal(got[~keep], acc[~keep])  # dropped entries: untouched
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-19, 1e-30])
+def test_vanishing_p_drops_nothing_and_does_not_overflow(p):
+    mask = draw_mask(_x(300, 7), p, seed=1)
+    assert mask.dropped.numel() == 0
+    x = torch.randn(300, 7)
+    assert torch.equal(mask.apply(x), x)

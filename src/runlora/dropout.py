@@ -70,14 +70,17 @@ class DropMask:
 
 def _dropped_positions(n: int, p: float, gen: torch.Generator, device) -> Tensor:
     """Sorted flat indices in ``[0, n)`` of a Bernoulli(p) process, drawn through its gaps."""
-    log_keep = math.log1p(-p)
     chunks = [torch.empty(0, dtype=torch.int64, device=device)]
+    if p <= 0.0:
+        return chunks[0]
+    log_keep = math.log1p(-p)
     start = 0
     while start < n:
         rest = n - start
         m = int(p * rest + 6.0 * math.sqrt(rest * p * (1.0 - p)) + 16)  # rarely too few
         u = torch.rand(m, generator=gen, device=device)
-        gaps = torch.log1p(u.neg_()).div_(log_keep).floor_()  # kept entries before each drop
+        # kept entries before each drop; a gap of n or more means no further drop in [0, n)
+        gaps = torch.log1p(u.neg_()).div_(log_keep).clamp_(max=n).floor_()
         pos = gaps.to(torch.int64).add_(1).cumsum_(0).add_(start - 1)
         k = int(torch.searchsorted(pos, n))  # how many fall inside [0, n)
         chunks.append(pos[:k])

@@ -211,7 +211,7 @@ class _LoRAFunction(torch.autograd.Function):
         lx = x2d
         if ctx.dropout > 0.0:
             mask = _draw_mask(x2d, ctx.dropout, ctx.seed)
-            lx = mask.apply(x2d)
+            lx = mask.apply(x2d) if need_a or need_b else None  # dX needs the mask only
         quant = ctx.quant
 
         def weight_fn() -> Tensor:
