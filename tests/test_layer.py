@@ -221,3 +221,25 @@ def test_a_wrapped_layer_pickles_and_deep_copies():
     buf.seek(0)
     again = torch.load(buf, weights_only=False)
     torch.testing.assert_close(again(x), layer(x), rtol=0, atol=0)
+
+
+def test_a_registered_base_kind_is_sized_from_its_handler():
+    """A custom base kind whose weight is not at ``.weight`` (sizes come from its handler)."""
+
+    class Stored(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(48, 32), requires_grad=False)
+
+    saved = list(runlora.layer._BASE_KINDS)
+    try:
+        runlora.layer.register_base_kind(
+            lambda m: isinstance(m, Stored), lambda m, fan_in_fan_out: (m.w, None, None)
+        )
+        layer = RunLoRALinear(Stored(), 4, 8, init_lora_weights=False)
+        assert (layer.in_features, layer.out_features) == (32, 48)
+        x = torch.randn(5, 32)
+        want = x @ layer.base_layer.w.t() + layer.delta_weight().matmul(x.t()).t()
+        torch.testing.assert_close(layer(x), want)
+    finally:
+        runlora.layer._BASE_KINDS[:] = saved

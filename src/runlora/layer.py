@@ -80,12 +80,16 @@ def full_shape(param: Tensor) -> torch.Size:
     return param.shape if ds_shape is None else torch.Size(ds_shape)
 
 
-def _out_in(layer: nn.Module, quant, fan_in_fan_out: bool) -> tuple[int, int]:
-    """``(out, in)`` of the base weight, also when DeepSpeed ZeRO-3 has partitioned it."""
+def _out_in(layer: nn.Module, weight, quant, fan_in_fan_out: bool) -> tuple[int, int]:
+    """``(out, in)`` of the base weight (as the base kind's handler returns it), also when
+    DeepSpeed ZeRO-3 has partitioned the stored weight (then its full shape is ``ds_shape``)."""
     if quant is not None:
         return tuple(quant.shape)
-    out_f, in_f = full_shape(layer.weight)
-    return (in_f, out_f) if fan_in_fan_out else (out_f, in_f)
+    stored = getattr(layer, "weight", None)
+    if getattr(stored, "ds_shape", None) is not None:
+        out_f, in_f = full_shape(stored)
+        return (in_f, out_f) if fan_in_fan_out else (out_f, in_f)
+    return tuple(weight.shape)
 
 
 def base_args_fn(layer: nn.Module) -> Callable[[nn.Module, bool], tuple]:
@@ -222,8 +226,10 @@ class RunLoRALinear(nn.Module):
         self.base_layer = base_layer
         self._base_args_fn = base_args_fn(base_layer)
         self.fan_in_fan_out = bool(fan_in_fan_out)
-        quant = self._base_weight_args()[2]
-        self.out_features, self.in_features = _out_in(base_layer, quant, self.fan_in_fan_out)
+        weight, _, quant = self._base_weight_args()
+        self.out_features, self.in_features = _out_in(
+            base_layer, weight, quant, self.fan_in_fan_out
+        )
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
