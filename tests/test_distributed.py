@@ -474,3 +474,22 @@ def test_installed_plans_are_used_without_measuring(tmp_path, monkeypatch):
         assert request.plan() == chosen
     finally:
         clear_plan_memo()
+
+
+def test_save_adapter_unwraps_deepspeed_engines_and_their_subclasses():
+    from torch import nn
+
+    from runlora.distributed import _unwrap
+
+    class DeepSpeedEngine(nn.Module):  # stands in for deepspeed's, matched by name
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    class PipelineEngine(DeepSpeedEngine):
+        pass
+
+    model = tiny_lora_model()
+    assert _unwrap(DeepSpeedEngine(model)) is model
+    assert _unwrap(PipelineEngine(model)) is model
+    assert _unwrap(model) is model

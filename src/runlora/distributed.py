@@ -289,7 +289,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
     FSDP2 wraps in place."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel) or (
-            type(model).__name__ == "DeepSpeedEngine" and isinstance(model.module, nn.Module)
+            any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
+            and isinstance(model.module, nn.Module)
         ):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
