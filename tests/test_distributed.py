@@ -206,6 +206,48 @@ def _fsdp(rank: int, out: Path) -> None:
     torch.save(results, out / f"rank{rank}.pt")
 
 
+ACCELERATE_FSDP2_YAML = Path(__file__).parents[1] / "examples/accelerate_configs/fsdp2.yaml"
+
+
+def _accelerate_fsdp2(rank: int, out: Path) -> None:
+    """accelerate's FSDP2 ``prepare`` with the shipped fsdp2.yaml's settings (per-layer
+    sharding, activation checkpointing), as ``accelerate launch`` runs it on GPUs. accelerate
+    1.15 turns FSDP on only for accelerator devices, so the CPU state's type is set to FSDP by
+    hand; from there ``prepare`` runs accelerate's own code (fsdp2_apply_ac, fsdp2_prepare_model,
+    the optimizer's parameter swap)."""
+    import yaml
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from runlora.distributed import save_adapter, sync_plans
+
+    fsdp = yaml.safe_load(ACCELERATE_FSDP2_YAML.read_text())["fsdp_config"]
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=fsdp["fsdp_version"],
+        auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"],
+        transformer_cls_names_to_wrap=[fsdp["fsdp_transformer_layer_cls_to_wrap"]],
+        reshard_after_forward=fsdp["fsdp_reshard_after_forward"],
+        activation_checkpointing=fsdp["fsdp_activation_checkpointing"],
+        state_dict_type=fsdp["fsdp_state_dict_type"],
+    )
+    accelerator = Accelerator(cpu=True)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    model = tiny_lora_model()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    prepared, opt = accelerator.prepare(model, opt)
+    sync_plans(prepared, n_tokens=LOCAL_BATCH * SEQ)
+    for batch in global_batches():
+        ids = local_rows(batch, rank)
+        accelerator.backward(prepared(input_ids=ids, labels=ids).loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    wrapped = [type(m).__name__ for m in prepared.modules() if "Checkpoint" in type(m).__name__]
+    save_adapter(prepared, out / "adapter")
+    prepared.save_pretrained(out / "adapter_again")
+    torch.save({"lora": lora_state(prepared), "ac_wrappers": len(wrapped)}, out / f"rank{rank}.pt")
+
+
 def _failing_rank(rank: int, out: Path) -> None:
     model = tiny_lora_model()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -315,6 +357,7 @@ SCENARIOS = {
     "fsdp": _fsdp,
     "failing_rank": _failing_rank,
     "deepspeed": _deepspeed,
+    "accelerate_fsdp2": _accelerate_fsdp2,
 }
 
 
@@ -411,6 +454,29 @@ def test_fsdp2_trains_like_one_process_frozen_shards_untouched(tmp_path, referen
     for key, value in saved.items():
         assert (value - trained[key]).abs().max().item() <= ATOL, key
     assert not (tmp_path / "rank1_adapter").exists()
+
+
+def assert_saved_like(directory: Path, reference: dict) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(directory / "adapter_model.safetensors"))
+    trained = {k.replace(".default.", "."): v for k, v in reference["trained"].items()}
+    assert saved.keys() == trained.keys()
+    for key, value in saved.items():
+        assert (value - trained[key]).abs().max().item() <= ATOL, key
+
+
+def test_accelerate_fsdp2_prepare_with_activation_checkpointing(tmp_path, reference):
+    """The shipped fsdp2.yaml through accelerate's FSDP2 preparation: LoRA weights equal one
+    process's, and the saved adapter has PEFT's keys (no ``_checkpoint_wrapped_module``)."""
+    pytest.importorskip("accelerate")
+    run_job("accelerate_fsdp2", tmp_path)
+    for r, res in enumerate(rank_results(tmp_path)):
+        assert res["ac_wrappers"] == 2  # both decoder layers checkpointed
+        lora = {k.replace("._checkpoint_wrapped_module", ""): v for k, v in res["lora"].items()}
+        assert_same_lora(lora, reference, ATOL, f"accelerate FSDP2 rank {r}")
+    assert_saved_like(tmp_path / "adapter", reference)
+    assert_saved_like(tmp_path / "adapter_again", reference)
 
 
 def test_deepspeed_zero2_and_zero3_train_like_one_process(tmp_path, reference):

@@ -36,6 +36,10 @@ CONFIGS = {
             modules_to_save=["lm_head"],
         ),
     ),
+    "llama_save_in_blocks": (
+        llama,
+        dict(r=2, target_modules=["q_proj"], modules_to_save=["post_attention_layernorm"]),
+    ),
     "gpt2_bias_all": (
         gpt2,
         dict(r=4, target_modules=["c_attn", "c_proj"], bias="all", fan_in_fan_out=True),
@@ -105,6 +109,35 @@ def test_peft_saves_what_runlora_loads(case, tmp_path):
     assert {n for n, p in again.named_parameters() if p.requires_grad} == {
         n for n, p in peft_model.named_parameters() if p.requires_grad
     }
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_checkpoint_wrapped_blocks_save_peft_keys(case, tmp_path):
+    """torch's checkpoint_wrapper (accelerate's FSDP activation checkpointing) puts
+    ``_checkpoint_wrapped_module`` into module names but not into state-dict keys: the file's
+    keys and tensors are those of the unwrapped model."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+    )
+
+    build, kwargs = CONFIGS[case]
+    ours = trained(get_runlora_model(build(), LoraConfig(**kwargs)))
+    ours.save_pretrained(tmp_path / "plain")
+    blocks = ("LlamaDecoderLayer", "GPT2Block")
+    apply_activation_checkpointing(ours, check_fn=lambda m: type(m).__name__ in blocks)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in ours.named_modules())
+    ours.save_pretrained(tmp_path / "wrapped")
+    plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    wrapped = load_file(tmp_path / "wrapped" / "adapter_model.safetensors")
+    assert wrapped.keys() == plain.keys() and plain
+    for key, value in plain.items():
+        assert torch.equal(wrapped[key], value), key
+    fresh = get_runlora_model(build(), LoraConfig(**kwargs))
+    apply_activation_checkpointing(fresh, check_fn=lambda m: type(m).__name__ in blocks)
+    runlora.io.load_adapter_weights(fresh, tmp_path / "wrapped")  # and back into wrapped blocks
+    assert runlora.io.adapter_state_dict(fresh).keys() == plain.keys()
+    for key, value in runlora.io.adapter_state_dict(fresh).items():
+        assert torch.equal(value, plain[key]), key
 
 
 def test_round_trip_runlora_to_runlora(tmp_path):

@@ -24,7 +24,7 @@ Typical use, once the model is wrapped and sharded and before the first step::
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -314,49 +314,16 @@ def _full_tensor(t: Tensor) -> Tensor:
     return t.detach().cpu()
 
 
-class _GatheredState(Mapping):
-    """A model's ``state_dict(keep_vars=True)`` whose entries are gathered to full CPU tensors
-    when first read (and kept), so that only the entries a reader asks for are gathered."""
-
-    def __init__(self, state: Mapping[str, Tensor]) -> None:
-        self._state = state
-        self._full: dict[str, Tensor] = {}
-
-    def __getitem__(self, key: str) -> Tensor:
-        if key not in self._full:
-            self._full[key] = _full_tensor(self._state[key])
-        return self._full[key]
-
-    def __iter__(self):
-        return iter(self._state)
-
-    def __len__(self) -> int:
-        return len(self._state)
-
-
-class _GatheredView:
-    """``model`` as ``runlora.io`` reads it, with its state dict gathered (see above)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self._model = model
-        self._state = _GatheredState(model.state_dict(keep_vars=True))
-
-    def __getattr__(self, name: str):
-        return getattr(self._model, name)
-
-    def state_dict(self, *args, keep_vars: bool = False, **kwargs) -> Mapping[str, Tensor]:
-        return self._state
-
-
 def gather_adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter's tensors under PEFT's file keys, full and on CPU, on every rank.
 
-    Under FSDP2 each adapter tensor is all-gathered (``DTensor.full_tensor``); the frozen base is
-    never gathered. A collective: call it on every rank.
+    Under FSDP2 each adapter tensor is all-gathered (``DTensor.full_tensor``), under ZeRO-3 each
+    partitioned one is gathered; the frozen base never is. A collective: call it on every rank
+    (the tensors come in key order, the same on every rank).
     """
-    from .io import adapter_state_dict
+    from .io import adapter_tensors
 
-    return adapter_state_dict(_GatheredView(_unwrap(model)))
+    return {k: _full_tensor(t) for k, t in adapter_tensors(_unwrap(model)).items()}
 
 
 def save_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path | None:
@@ -369,7 +336,6 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path | 
     Returns:
         The directory on rank 0, None on the other ranks.
     """
-    from .io import adapter_state_dict
     from .io import save_adapter as write_adapter
 
     inner = _unwrap(model)
@@ -378,10 +344,9 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path | 
             f"save_adapter needs a model from runlora.get_runlora_model, got {type(inner).__name__}"
         )
     rank, world = _world()
-    view = _GatheredView(inner)
-    adapter_state_dict(view)  # every rank gathers the same tensors, in the same (sorted) order
+    tensors = gather_adapter_state_dict(inner)
     if rank == 0:
-        write_adapter(view, save_directory)  # reads the gathered tensors; no collective
+        write_adapter(inner, save_directory, tensors)
     if world > 1:
         dist.barrier()
     return Path(save_directory) if rank == 0 else None

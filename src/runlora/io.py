@@ -36,6 +36,7 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "adapter_state_dict",
+    "adapter_tensors",
     "save_adapter",
     "load_adapter_weights",
     "load_runlora_model",
@@ -59,26 +60,35 @@ def _file_key(state_key: str) -> str:
 
 
 def adapter_state_dict(model: RunLoRAModel) -> dict[str, Tensor]:
-    """The tensors PEFT would save for ``model``, under PEFT's file keys."""
+    """The tensors PEFT would save for ``model``, under PEFT's file keys, in key order."""
+    return {k: t.detach() for k, t in adapter_tensors(model).items()}
+
+
+def adapter_tensors(model: RunLoRAModel) -> dict[str, Tensor]:
+    """``adapter_state_dict`` as the model stores the tensors: its own parameters, DTensor shards
+    under FSDP2, partitioned parameters under ZeRO-3 (``runlora.distributed`` gathers them).
+
+    Tensors are picked by identity and named by ``model.state_dict()``, so wrappers that keep
+    their own name out of state-dict keys (``checkpoint_wrapper``, as accelerate's FSDP
+    activation checkpointing applies it) leave the file keys as PEFT writes them.
+    """
     config = model.peft_config[ADAPTER]
-    keep: set[str] = set()
-    names = dict(model.named_modules())
-    for name, module in names.items():
+    keep: set[int] = set()
+    for module in model.modules():
         if isinstance(module, RunLoRALinear):
-            keep |= {f"{name}.lora_A.{ADAPTER}.weight", f"{name}.lora_B.{ADAPTER}.weight"}
+            keep |= {id(module.lora_A[ADAPTER].weight), id(module.lora_B[ADAPTER].weight)}
             if config.bias == "lora_only" and module.base_layer.bias is not None:
-                keep.add(f"{name}.base_layer.bias")
+                keep.add(id(module.base_layer.bias))
         elif isinstance(module, ModulesToSave):
-            prefix = f"{name}.modules_to_save.{ADAPTER}."
-            keep |= {prefix + k for k, _ in module.modules_to_save[ADAPTER].named_parameters()}
+            keep |= {id(p) for p in module.modules_to_save[ADAPTER].parameters()}
     if config.bias == "all":
         keep |= {
-            n
-            for n, _ in model.named_parameters()
+            id(p)
+            for n, p in model.named_parameters()
             if n.endswith("bias") and ".original_module." not in n
         }
     state = model.state_dict(keep_vars=True)
-    return {_file_key(k): state[k].detach() for k in sorted(keep)}
+    return {_file_key(k): state[k] for k in sorted(state) if id(state[k]) in keep}
 
 
 def _write_weights(tensors: dict[str, Tensor], path: str) -> None:
@@ -93,8 +103,15 @@ def _write_config(data: dict, path: str) -> None:
         f.write("\n")
 
 
-def save_adapter(model: RunLoRAModel, directory: str | os.PathLike) -> None:
-    """Save ``model``'s adapter to ``directory`` in PEFT's format, atomically."""
+def save_adapter(
+    model: RunLoRAModel,
+    directory: str | os.PathLike,
+    tensors: dict[str, Tensor] | None = None,
+) -> None:
+    """Save ``model``'s adapter to ``directory`` in PEFT's format, atomically.
+
+    ``tensors``: the file's tensors if already at hand (gathered from shards, say); by default
+    ``adapter_state_dict(model)``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.peft_config[ADAPTER]
@@ -110,7 +127,9 @@ def save_adapter(model: RunLoRAModel, directory: str | os.PathLike) -> None:
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             fd, temps[name] = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
             os.close(fd)
-        _write_weights(adapter_state_dict(model), temps[WEIGHTS_NAME])
+        _write_weights(
+            adapter_state_dict(model) if tensors is None else tensors, temps[WEIGHTS_NAME]
+        )
         _write_config(data, temps[CONFIG_NAME])
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             os.replace(temps.pop(name), directory / name)
@@ -180,8 +199,11 @@ def load_adapter_weights(model: RunLoRAModel, directory: str | os.PathLike) -> N
             the layer and both shapes), or a LoRA tensor of the model missing from the file.
     """
     tensors, path = _read_weights(Path(directory))
-    wrappers = {n for n, m in model.named_modules() if isinstance(m, ModulesToSave)}
     state = model.state_dict(keep_vars=True)
+    # modules_to_save wrappers, named as state-dict keys name them (see adapter_state_dict)
+    wrappers = {
+        k.split(f".modules_to_save.{ADAPTER}.")[0] for k in state if ".modules_to_save." in k
+    }
     loaded = set()
     for file_key, value in tensors.items():
         key = _state_key(file_key, wrappers)
