@@ -211,41 +211,65 @@ ACCELERATE_FSDP2_YAML = Path(__file__).parents[1] / "examples/accelerate_configs
 
 def _accelerate_fsdp2(rank: int, out: Path) -> None:
     """accelerate's FSDP2 ``prepare`` with the shipped fsdp2.yaml's settings (per-layer
-    sharding, activation checkpointing), as ``accelerate launch`` runs it on GPUs. accelerate
-    1.15 turns FSDP on only for accelerator devices, so the CPU state's type is set to FSDP by
-    hand; from there ``prepare`` runs accelerate's own code (fsdp2_apply_ac, fsdp2_prepare_model,
-    the optimizer's parameter swap)."""
+    sharding, activation checkpointing; fp32, then its bf16 mixed precision), as ``accelerate
+    launch`` runs it on GPUs. accelerate 1.15 turns FSDP on only for accelerator devices, so the
+    CPU state's type is set to FSDP by hand; from there ``prepare`` runs accelerate's own code
+    (fsdp2_apply_ac, fsdp2_prepare_model, the optimizer's parameter swap)."""
     import yaml
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+    import runlora.layer
     from runlora.distributed import save_adapter, sync_plans
 
-    fsdp = yaml.safe_load(ACCELERATE_FSDP2_YAML.read_text())["fsdp_config"]
-    plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=fsdp["fsdp_version"],
-        auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"],
-        transformer_cls_names_to_wrap=[fsdp["fsdp_transformer_layer_cls_to_wrap"]],
-        reshard_after_forward=fsdp["fsdp_reshard_after_forward"],
-        activation_checkpointing=fsdp["fsdp_activation_checkpointing"],
-        state_dict_type=fsdp["fsdp_state_dict_type"],
-    )
-    accelerator = Accelerator(cpu=True)
-    accelerator.state.distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = plugin
-    model = tiny_lora_model()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
-    prepared, opt = accelerator.prepare(model, opt)
-    sync_plans(prepared, n_tokens=LOCAL_BATCH * SEQ)
-    for batch in global_batches():
-        ids = local_rows(batch, rank)
-        accelerator.backward(prepared(input_ids=ids, labels=ids).loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    wrapped = [type(m).__name__ for m in prepared.modules() if "Checkpoint" in type(m).__name__]
-    save_adapter(prepared, out / "adapter")
-    prepared.save_pretrained(out / "adapter_again")
-    torch.save({"lora": lora_state(prepared), "ac_wrappers": len(wrapped)}, out / f"rank{rank}.pt")
+    seen_dtypes = set()
+    real_op = runlora.layer.lora_linear
+
+    def recording_op(x, *args, **kwargs):
+        seen_dtypes.add(x.dtype)
+        return real_op(x, *args, **kwargs)
+
+    runlora.layer.lora_linear = recording_op
+    settings = yaml.safe_load(ACCELERATE_FSDP2_YAML.read_text())
+    fsdp = settings["fsdp_config"]
+    results = {}
+    for precision in ("no", settings["mixed_precision"]):
+        AcceleratorState._reset_state()  # a new Accelerator per run; the process group stays
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=fsdp["fsdp_version"],
+            auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"],
+            transformer_cls_names_to_wrap=[fsdp["fsdp_transformer_layer_cls_to_wrap"]],
+            reshard_after_forward=fsdp["fsdp_reshard_after_forward"],
+            activation_checkpointing=fsdp["fsdp_activation_checkpointing"],
+            state_dict_type=fsdp["fsdp_state_dict_type"],
+        )
+        accelerator = Accelerator(cpu=True, mixed_precision=precision)
+        accelerator.state.distributed_type = DistributedType.FSDP  # as on GPUs:
+        accelerator.state.fsdp_plugin = plugin
+        if precision != "no":
+            plugin.set_mixed_precision(precision)
+        model = tiny_lora_model()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+        prepared, opt = accelerator.prepare(model, opt)
+        sync_plans(prepared, n_tokens=LOCAL_BATCH * SEQ)
+        seen_dtypes.clear()
+        for batch in global_batches():
+            ids = local_rows(batch, rank)
+            with accelerator.autocast():
+                loss = prepared(input_ids=ids, labels=ids).loss
+            accelerator.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        results[precision] = {
+            "lora": lora_state(prepared),
+            "ac_wrappers": sum("Checkpoint" in type(m).__name__ for m in prepared.modules()),
+            "x_dtypes": set(seen_dtypes),
+        }
+        if precision == "no":
+            save_adapter(prepared, out / "adapter")
+            prepared.save_pretrained(out / "adapter_again")
+    torch.save(results, out / f"rank{rank}.pt")
 
 
 def _failing_rank(rank: int, out: Path) -> None:
@@ -468,13 +492,21 @@ def assert_saved_like(directory: Path, reference: dict) -> None:
 
 def test_accelerate_fsdp2_prepare_with_activation_checkpointing(tmp_path, reference):
     """The shipped fsdp2.yaml through accelerate's FSDP2 preparation: LoRA weights equal one
-    process's, and the saved adapter has PEFT's keys (no ``_checkpoint_wrapped_module``)."""
+    process's (fp32; bf16 within its precision, the op computing in bf16), and the saved adapter
+    has PEFT's keys (no ``_checkpoint_wrapped_module``)."""
     pytest.importorskip("accelerate")
     run_job("accelerate_fsdp2", tmp_path)
     for r, res in enumerate(rank_results(tmp_path)):
-        assert res["ac_wrappers"] == 2  # both decoder layers checkpointed
-        lora = {k.replace("._checkpoint_wrapped_module", ""): v for k, v in res["lora"].items()}
-        assert_same_lora(lora, reference, ATOL, f"accelerate FSDP2 rank {r}")
+        for precision, run in res.items():
+            assert run["ac_wrappers"] == 2, precision  # both decoder layers checkpointed
+            lora = {k.replace("._checkpoint_wrapped_module", ""): v for k, v in run["lora"].items()}
+            if precision == "no":
+                assert run["x_dtypes"] == {torch.float32}
+                assert_same_lora(lora, reference, ATOL, f"accelerate FSDP2 rank {r}")
+            else:
+                assert run["x_dtypes"] == {torch.bfloat16}, precision
+                for name, want in reference["trained"].items():  # fp32 params, bf16 compute
+                    assert (lora[name] - want).abs().max().item() < 5e-2, name
     assert_saved_like(tmp_path / "adapter", reference)
     assert_saved_like(tmp_path / "adapter_again", reference)
 
