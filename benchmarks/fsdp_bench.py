@@ -8,7 +8,8 @@ Per rank it reports:
 
 - step ms: median forward + backward + optimizer step, the ranks aligned by a barrier;
 - saved MiB: bytes autograd keeps for backward in one step (each storage once, parameters
-  excluded; FSDP2's all-gathered weights are parameters);
+  excluded, and so are FSDP2's all-gathered weights and the views autograd saves of them:
+  ``runlora.bench.saved_tensor_bytes``);
 - peak RSS MiB: the process's high-water mark (``ru_maxrss``) at the end.
 
     python benchmarks/fsdp_bench.py --model llama_60m --nproc 2 --batch-size 4 --seq-len 256 \\
@@ -35,6 +36,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from runlora.bench import saved_tensor_bytes
 
 ARMS = ("runlora", "peft")
 
@@ -83,22 +86,6 @@ def build(arm: str, args: argparse.Namespace) -> torch.nn.Module:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.get_base_model().enable_input_require_grads()
     return model
-
-
-def saved_bytes(step) -> int:
-    """Bytes autograd saves while ``step()`` runs forward: each storage once, no parameters."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, torch.nn.Parameter):
-            storage = t.untyped_storage()
-            if storage.data_ptr():
-                seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(seen.values())
 
 
 def worker(rank: int, arm: str, args: argparse.Namespace, port: int, out: str) -> None:
@@ -157,7 +144,7 @@ def worker(rank: int, arm: str, args: argparse.Namespace, port: int, out: str) -
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e3)
-        saved = saved_bytes(step)
+        saved, _ = saved_tensor_bytes(step, exclude_params_of=model)
         row = {
             "rank": rank,
             "step_ms": statistics.median(times),

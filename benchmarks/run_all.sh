@@ -34,4 +34,4 @@ HF_HUB_OFFLINE=1 run $PY -m runlora finetune -m minilm --compare --epochs 2 --ba
 run $PY benchmarks/fsdp_bench.py --model llama_60m --nproc 2 --batch-size 4 --seq-len 256 \
     --steps 6 --repeats 3 --out $OUT/fsdp_llama_60m.json
 run $PY benchmarks/fsdp_bench.py --model llama_60m --nproc 2 --batch-size 4 --seq-len 256 \
-    --steps 10 --engine zero3 --out $OUT/zero3_llama_60m.json
+    --steps 6 --repeats 3 --engine zero3 --out $OUT/zero3_llama_60m.json

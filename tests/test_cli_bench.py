@@ -163,6 +163,25 @@ def test_saved_bytes_count_each_storage_once_and_skip_excluded():
     assert saved == (128 * 64 * 2 + 1) * 4
 
 
+def test_saved_bytes_skip_views_of_parameters_registered_while_saving():
+    """As under FSDP2: a layer's gathered weight is its parameter only while it runs, and
+    autograd saves a view of it (``weight.t()``), not the Parameter itself."""
+    layer = torch.nn.Linear(64, 32, bias=False).requires_grad_(False)
+    sharded = layer.weight
+    x = torch.randn(16, 64, requires_grad=True)
+
+    def step():
+        layer.weight = torch.nn.Parameter(sharded.detach().clone(), requires_grad=False)
+        y = layer(x)  # saves x (for nothing: W frozen) and W's transpose (for dX)
+        layer.weight = sharded  # "resharded": the gathered weight is no longer registered
+        y.sum().backward()
+
+    everything, _ = saved_tensor_bytes(step)
+    assert everything == (32 * 64) * 4  # the gathered weight (x: not needed, W frozen)
+    without, _ = saved_tensor_bytes(step, exclude_params_of=layer)
+    assert without == 0
+
+
 @pytest.mark.slow
 def test_bench_tiny_end_to_end(tmp_path, capsys):
     prefix = tmp_path / "out" / "tiny"

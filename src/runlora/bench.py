@@ -244,11 +244,18 @@ def interleave(
 # --- memory -------------------------------------------------------------------------------
 
 
-def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable[int] = ()) -> tuple[int, object]:
+def saved_tensor_bytes(
+    fn: Callable[[], object],
+    exclude: Iterable[int] = (),
+    exclude_params_of: nn.Module | None = None,
+) -> tuple[int, object]:
     """(bytes autograd saves for backward while ``fn()`` runs, ``fn()``'s result).
 
     Each storage is counted once, by its data pointer; storages whose pointer is in ``exclude``
-    (parameters, buffers) are not counted. The tensors are kept as they are (no copy).
+    (parameters, buffers) are not counted, nor, with ``exclude_params_of``, the storages of that
+    module's parameters and buffers as registered at the moment a tensor is saved: under FSDP2 a
+    layer's all-gathered weights are its parameters only while it runs, and autograd saves views
+    of them (``weight.t()``) that are not Parameter objects. The tensors are kept as they are.
     """
     skip = set(exclude)
     seen: dict[int, int] = {}
@@ -260,7 +267,8 @@ def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable[int] = ()) ->
             return t
         ptr = storage.data_ptr()
         if ptr and ptr not in skip:
-            seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
+            if exclude_params_of is None or ptr not in _live_ptrs(exclude_params_of):
+                seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -270,6 +278,12 @@ def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable[int] = ()) ->
 
 def _storage_ptrs(tensors: Iterable[torch.Tensor]) -> frozenset[int]:
     return frozenset(t.untyped_storage().data_ptr() for t in tensors)
+
+
+def _live_ptrs(module: nn.Module) -> frozenset[int]:
+    """Storage pointers of ``module``'s parameters and buffers now (DTensors: their shards)."""
+    tensors = (*module.parameters(), *module.buffers())
+    return _storage_ptrs(t.to_local() if hasattr(t, "to_local") else t for t in tensors)
 
 
 def _rss_tools() -> tuple[Callable[[], None], Callable[[], int], Callable[[], int]] | None:
