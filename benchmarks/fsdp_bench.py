@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import os
 import resource
@@ -89,6 +90,7 @@ def build(arm: str, args: argparse.Namespace) -> torch.nn.Module:
 
 
 def worker(rank: int, arm: str, args: argparse.Namespace, port: int, out: str) -> None:
+    faulthandler.enable()  # a rank that aborts (SIGABRT, seen rarely here) prints every stack
     torch.set_num_threads(args.threads)
     dist.init_process_group(
         "gloo",
