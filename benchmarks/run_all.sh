@@ -35,3 +35,5 @@ run $PY benchmarks/fsdp_bench.py --model llama_60m --nproc 2 --batch-size 4 --se
     --steps 6 --repeats 3 --out $OUT/fsdp_llama_60m.json
 run $PY benchmarks/fsdp_bench.py --model llama_60m --nproc 2 --batch-size 4 --seq-len 256 \
     --steps 6 --repeats 3 --engine zero3 --out $OUT/zero3_llama_60m.json
+run $PY benchmarks/serve_bench.py --model llama_60m --adapters 4 -r 8 --batch-size 16 \
+    --seq-len 128 --min-run-time 10 --out $OUT/serve_llama_60m.json

@@ -84,8 +84,9 @@ def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     from .layer import RunLoRALinear
 
     for name, module in model.named_modules():
-        if isinstance(module, RunLoRALinear) and module.plan is None:
-            yield name, module
+        if isinstance(module, RunLoRALinear):
+            if module.plan is None and module._live_adapters():
+                yield name, module
         elif hasattr(module, "runlora_criterion") and hasattr(module, "lora_A"):
             yield name, module  # a PEFT layer switched by runlora.from_peft
 
@@ -94,15 +95,17 @@ def _layer_request(layer: nn.Module, n_tokens: int, needs_input_grad: bool) -> P
     from .layer import RunLoRALinear, _dropout_p, base_args_fn, full_shape
 
     if isinstance(layer, RunLoRALinear):
-        adapter, criterion = layer.active_adapter, layer.criterion
+        adapters, criterion = layer._op_adapters(layer._live_adapters()), layer.criterion
     else:
-        adapter, criterion = layer.active_adapters[0], layer.runlora_criterion
+        adapters, criterion = layer.active_adapters[:1], layer.runlora_criterion
     base = layer.get_base_layer()
     _, bias, quant = base_args_fn(base)(base, layer.fan_in_fan_out)
-    # (r, in) and (out, r); under FSDP2 DTensors of the full shape, under ZeRO-3 partitions
-    r, in_features = full_shape(layer.lora_A[adapter].weight)
-    out_features = full_shape(layer.lora_B[adapter].weight)[0]
-    dropout = _dropout_p(layer.lora_dropout[adapter]) if layer.training else 0.0
+    # (r, in) and (out, r); under FSDP2 DTensors of the full shape, under ZeRO-3 partitions.
+    # Several adapters in one op call stack their ranks (and run without dropout).
+    r = sum(full_shape(layer.lora_A[a].weight)[0] for a in adapters)
+    in_features = full_shape(layer.lora_A[adapters[0]].weight)[1]
+    out_features = full_shape(layer.lora_B[adapters[0]].weight)[0]
+    dropout = _dropout_p(layer.lora_dropout[adapters[0]]) if layer.training else 0.0
     return PlanRequest(
         bucket_tokens(n_tokens),
         in_features,
@@ -111,7 +114,7 @@ def _layer_request(layer: nn.Module, n_tokens: int, needs_input_grad: bool) -> P
         criterion,
         needs_input_grad,
         bias is not None,
-        dropout,
+        dropout if len(adapters) == 1 else 0.0,
         quant is not None,
     )
 
@@ -141,11 +144,11 @@ def plan_requests(
 
 
 def _first_lora_weight(model: nn.Module) -> Tensor | None:
+    from .layer import RunLoRALinear
+
     for _, layer in _lora_layers(model):
-        adapter = getattr(layer, "active_adapter", None)
-        if not isinstance(adapter, str):
-            adapter = layer.active_adapters[0]
-        return layer.lora_A[adapter].weight
+        live = layer._live_adapters() if isinstance(layer, RunLoRALinear) else layer.active_adapters
+        return layer.lora_A[live[0]].weight
     return None
 
 
@@ -314,8 +317,9 @@ def _full_tensor(t: Tensor) -> Tensor:
     return t.detach().cpu()
 
 
-def gather_adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter's tensors under PEFT's file keys, full and on CPU, on every rank.
+def gather_adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
+    """Adapter ``adapter_name``'s tensors under PEFT's file keys, full and on CPU, on every
+    rank.
 
     Under FSDP2 each adapter tensor is all-gathered (``DTensor.full_tensor``), under ZeRO-3 each
     partitioned one is gathered; the frozen base never is. A collective: call it on every rank
@@ -323,12 +327,16 @@ def gather_adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """
     from .io import adapter_tensors
 
-    return {k: _full_tensor(t) for k, t in adapter_tensors(_unwrap(model)).items()}
+    tensors = adapter_tensors(_unwrap(model), adapter_name)
+    return {k: _full_tensor(t) for k, t in tensors.items()}
 
 
-def save_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path | None:
+def save_adapter(
+    model: nn.Module, save_directory: str | os.PathLike, *, adapter_name: str = "default"
+) -> Path | None:
     """Write one PEFT-format adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
     from a distributed run: every rank calls it, the adapter tensors are gathered, rank 0 writes.
+    ``adapter_name``: which of the model's adapters (``model.save_pretrained`` writes them all).
 
     Works for a ``RunLoRAModel`` as it is, inside DDP, or sharded by FSDP2; without a process
     group it is ``model.save_pretrained``.
@@ -344,9 +352,9 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path | 
             f"save_adapter needs a model from runlora.get_runlora_model, got {type(inner).__name__}"
         )
     rank, world = _world()
-    tensors = gather_adapter_state_dict(inner)
+    tensors = gather_adapter_state_dict(inner, adapter_name)
     if rank == 0:
-        write_adapter(inner, save_directory, tensors)
+        write_adapter(inner, save_directory, tensors, adapter_name=adapter_name)
     if world > 1:
         dist.barrier()
     return Path(save_directory) if rank == 0 else None

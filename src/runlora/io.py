@@ -46,25 +46,26 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _BIN_NAME = "adapter_model.bin"
-_INFIX = {
-    ".modules_to_save.default.": ".",
-    ".lora_A.default.": ".lora_A.",
-    ".lora_B.default.": ".lora_B.",
-}
 
 
-def _file_key(state_key: str) -> str:
-    for infix, repl in _INFIX.items():
+def _file_key(state_key: str, adapter_name: str = ADAPTER) -> str:
+    """PEFT's file key for a state-dict key: the adapter's name dropped."""
+    for infix, repl in (
+        (f".modules_to_save.{adapter_name}.", "."),
+        (f".lora_A.{adapter_name}.", ".lora_A."),
+        (f".lora_B.{adapter_name}.", ".lora_B."),
+    ):
         state_key = state_key.replace(infix, repl)
     return state_key
 
 
-def adapter_state_dict(model: RunLoRAModel) -> dict[str, Tensor]:
-    """The tensors PEFT would save for ``model``, under PEFT's file keys, in key order."""
-    return {k: t.detach() for k, t in adapter_tensors(model).items()}
+def adapter_state_dict(model: RunLoRAModel, adapter_name: str = ADAPTER) -> dict[str, Tensor]:
+    """The tensors PEFT would save for ``model``'s adapter ``adapter_name``, under PEFT's file
+    keys, in key order."""
+    return {k: t.detach() for k, t in adapter_tensors(model, adapter_name).items()}
 
 
-def adapter_tensors(model: RunLoRAModel) -> dict[str, Tensor]:
+def adapter_tensors(model: RunLoRAModel, adapter_name: str = ADAPTER) -> dict[str, Tensor]:
     """``adapter_state_dict`` as the model stores the tensors: its own parameters, DTensor shards
     under FSDP2, partitioned parameters under ZeRO-3 (``runlora.distributed`` gathers them).
 
@@ -72,23 +73,27 @@ def adapter_tensors(model: RunLoRAModel) -> dict[str, Tensor]:
     their own name out of state-dict keys (``checkpoint_wrapper``, as accelerate's FSDP
     activation checkpointing applies it) leave the file keys as PEFT writes them.
     """
-    config = model.peft_config[ADAPTER]
+    config = model.peft_config[adapter_name]
     keep: set[int] = set()
     for module in model.modules():
-        if isinstance(module, RunLoRALinear):
-            keep |= {id(module.lora_A[ADAPTER].weight), id(module.lora_B[ADAPTER].weight)}
+        if isinstance(module, RunLoRALinear) and adapter_name in module.lora_A:
+            keep.add(id(module.lora_A[adapter_name].weight))
+            keep.add(id(module.lora_B[adapter_name].weight))
             if config.bias == "lora_only" and module.base_layer.bias is not None:
                 keep.add(id(module.base_layer.bias))
-        elif isinstance(module, ModulesToSave):
-            keep |= {id(p) for p in module.modules_to_save[ADAPTER].parameters()}
-    if config.bias == "all":
+        elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+            keep |= {id(p) for p in module.modules_to_save[adapter_name].parameters()}
+    if config.bias == "all":  # every bias but those of the originals and of other adapters
+        own = f".modules_to_save.{adapter_name}."
         keep |= {
             id(p)
             for n, p in model.named_parameters()
-            if n.endswith("bias") and ".original_module." not in n
+            if n.endswith("bias")
+            and ".original_module." not in n
+            and (".modules_to_save." not in n or own in n)
         }
     state = model.state_dict(keep_vars=True)
-    return {_file_key(k): state[k] for k in sorted(state) if id(state[k]) in keep}
+    return {_file_key(k, adapter_name): state[k] for k in sorted(state) if id(state[k]) in keep}
 
 
 def _write_weights(tensors: dict[str, Tensor], path: str) -> None:
@@ -107,14 +112,16 @@ def save_adapter(
     model: RunLoRAModel,
     directory: str | os.PathLike,
     tensors: dict[str, Tensor] | None = None,
+    *,
+    adapter_name: str = ADAPTER,
 ) -> None:
-    """Save ``model``'s adapter to ``directory`` in PEFT's format, atomically.
+    """Save ``model``'s adapter ``adapter_name`` to ``directory`` in PEFT's format, atomically.
 
     ``tensors``: the file's tensors if already at hand (gathered from shards, say); by default
-    ``adapter_state_dict(model)``."""
+    ``adapter_state_dict(model, adapter_name)``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = model.peft_config[ADAPTER]
+    config = model.peft_config[adapter_name]
     data = {**config.to_peft_dict(), "inference_mode": True}
     base = model.get_base_model()
     data["base_model_name_or_path"] = (
@@ -128,7 +135,8 @@ def save_adapter(
             fd, temps[name] = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
             os.close(fd)
         _write_weights(
-            adapter_state_dict(model) if tensors is None else tensors, temps[WEIGHTS_NAME]
+            adapter_state_dict(model, adapter_name) if tensors is None else tensors,
+            temps[WEIGHTS_NAME],
         )
         _write_config(data, temps[CONFIG_NAME])
         for name in (WEIGHTS_NAME, CONFIG_NAME):
@@ -176,37 +184,38 @@ def _read_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
     )
 
 
-def _state_key(file_key: str, wrappers: set[str]) -> str | None:
+def _state_key(file_key: str, wrappers: set[str], adapter_name: str) -> str | None:
     """The model state-dict key for a file key; None for keys PEFT writes but nobody reads."""
     if ".original_module." in file_key:
         return None
     for end in (".lora_A.weight", ".lora_B.weight"):
         if file_key.endswith(end):
-            return file_key[: -len(".weight")] + f".{ADAPTER}.weight"
+            return file_key[: -len(".weight")] + f".{adapter_name}.weight"
     file_key = file_key.replace(".modules_to_save.", ".")  # PEFT's bias="all" quirk
     for wrapper in wrappers:
         if file_key.startswith(wrapper + "."):
-            return f"{wrapper}.modules_to_save.{ADAPTER}.{file_key[len(wrapper) + 1 :]}"
+            return f"{wrapper}.modules_to_save.{adapter_name}.{file_key[len(wrapper) + 1 :]}"
     return file_key
 
 
 @torch.no_grad()
-def load_adapter_weights(model: RunLoRAModel, directory: str | os.PathLike) -> None:
-    """Copy the tensors of ``directory``'s adapter file into ``model``.
+def load_adapter_weights(
+    model: RunLoRAModel, directory: str | os.PathLike, *, adapter_name: str = ADAPTER
+) -> None:
+    """Copy the tensors of ``directory``'s adapter file into ``model``'s adapter
+    ``adapter_name``.
 
     Raises:
         ValueError: for a key that matches no tensor of the model, a shape that differs (naming
-            the layer and both shapes), or a LoRA tensor of the model missing from the file.
+            the layer and both shapes), or a LoRA tensor of the adapter missing from the file.
     """
     tensors, path = _read_weights(Path(directory))
     state = model.state_dict(keep_vars=True)
     # modules_to_save wrappers, named as state-dict keys name them (see adapter_state_dict)
-    wrappers = {
-        k.split(f".modules_to_save.{ADAPTER}.")[0] for k in state if ".modules_to_save." in k
-    }
+    wrappers = {k.split(".modules_to_save.")[0] for k in state if ".modules_to_save." in k}
     loaded = set()
     for file_key, value in tensors.items():
-        key = _state_key(file_key, wrappers)
+        key = _state_key(file_key, wrappers, adapter_name)
         if key is None:
             continue
         if key not in state:
@@ -225,7 +234,8 @@ def load_adapter_weights(model: RunLoRAModel, directory: str | os.PathLike) -> N
             )
         target.copy_(value)
         loaded.add(key)
-    missing = [k for k in state if ".lora_" in k and k not in loaded]
+    own = (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.")
+    missing = [k for k in state if any(o in k for o in own) and k not in loaded]
     if missing:
         raise ValueError(
             f"{path} lacks {len(missing)} LoRA tensors the config asks for, e.g. "
@@ -234,16 +244,22 @@ def load_adapter_weights(model: RunLoRAModel, directory: str | os.PathLike) -> N
 
 
 def load_runlora_model(
-    model: nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False, **overrides
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    adapter_name: str = ADAPTER,
+    is_trainable: bool = False,
+    **overrides,
 ) -> RunLoRAModel:
-    """Adapt ``model`` as ``directory``'s config says and load its tensors (runlora or PEFT).
+    """Adapt ``model`` as ``directory``'s config says and load its tensors (runlora or PEFT) as
+    adapter ``adapter_name``.
 
     Frozen and in eval mode unless ``is_trainable``. ``overrides`` replace config fields (e.g.
     ``criterion="time"``).
     """
     config = read_config(directory, inference_mode=not is_trainable, **overrides)
-    wrapped = get_runlora_model(model, config)
-    load_adapter_weights(wrapped, directory)
+    wrapped = get_runlora_model(model, config, adapter_name=adapter_name)
+    load_adapter_weights(wrapped, directory, adapter_name=adapter_name)
     if not is_trainable:
         wrapped.eval()
     return wrapped

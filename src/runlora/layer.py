@@ -32,6 +32,7 @@ from .function import lora_linear
 from .plan_lookup import lookup_plan, token_bucket
 from .planner import CRITERIA, Plan, as_plan
 from .quant import base_handler as _quantized_handler
+from .routing import BASE, STACKED_MAX_TOKENS, Routing
 
 __all__ = [
     "RunLoRALinear",
@@ -196,8 +197,14 @@ class RunLoRALinear(nn.Module):
         fan_in_fan_out: the base weight is stored ``(in, out)``; None: True for Conv1D only.
         criterion: how plans are chosen (a key of ``runlora.planner.CRITERIA``).
 
+    More adapters: ``update_layer`` adds one, ``set_adapter`` picks the active ones (several
+    active adapters add up), ``delete_adapter`` removes one; ``forward(x, adapter_names=[...])``
+    runs each example with its own adapter (``runlora.routing``).
+
     Shapes: input ``(..., in_features)``, output ``(..., out_features)``.
     """
+
+    _runlora_wrapper = True  # runlora.targets never looks inside
 
     def __init__(
         self,
@@ -236,7 +243,9 @@ class RunLoRALinear(nn.Module):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.active_adapter = adapter_name
+        self._active_adapters: list[str] = [adapter_name]
+        self._routing: Routing | None = None  # set by RunLoRAModel for adapter_names=
+        self._stack_cache: tuple | None = None  # see _mixed_terms
         self.criterion = criterion
         self.plan: Plan | None = None
         self.disable_adapters = False
@@ -274,6 +283,9 @@ class RunLoRALinear(nn.Module):
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
+        if adapter_name not in self._active_adapters:  # a new adapter waits for set_adapter
+            self.lora_A[adapter_name].requires_grad_(False)
+            self.lora_B[adapter_name].requires_grad_(False)
 
     @torch.no_grad()
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
@@ -311,45 +323,210 @@ class RunLoRALinear(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """``(..., in_features)`` -> ``(..., out_features)``."""
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapters the layer runs (their LoRA terms add up), in order."""
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name, or the list of them when several are active (PEFT's)."""
+        names = self._active_adapters
+        return names[0] if len(names) == 1 else list(names)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_names`` the active adapters: trainable unless ``inference_mode``, every
+        other adapter of the layer frozen (PEFT's ``set_adapter``). Names this layer lacks are
+        kept (a model's adapters need not target the same layers) and skipped in forward."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for key in self.lora_A:
+            trainable = key in names and not inference_mode
+            self.lora_A[key].requires_grad_(trainable)
+            self.lora_B[key].requires_grad_(trainable)
+        self._active_adapters = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``; if it was active, the other active ones stay, or the first
+        remaining adapter becomes active."""
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before deleting it")
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            if adapter_name in table:
+                del table[adapter_name]
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(adapter_name, None)
+        if adapter_name in self._active_adapters:
+            rest = [n for n in self._active_adapters if n != adapter_name]
+            self._active_adapters = rest or list(self.lora_A)[:1]
+
+    def _live_adapters(self) -> list[str]:
+        return [n for n in self._active_adapters if n in self.lora_A]
+
+    def forward(self, x: Tensor, *args, adapter_names=None, **kwargs) -> Tensor:
+        """``(..., in_features)`` -> ``(..., out_features)``.
+
+        ``adapter_names``: one adapter name per example (dim 0 of ``x``), in eval mode only.
+        """
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.merged or self.active_adapter not in self.lora_A:
+        routing = self._routing if adapter_names is None else Routing(adapter_names)
+        if routing is not None:
+            return self._mixed_batch_forward(x, routing, args, kwargs)
+        if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        name = self.active_adapter
-        y, plan = run_adapter(
-            x,
-            self._base_weight_args(),
-            self.lora_A[name].weight,
-            self.lora_B[name].weight,
-            scaling=self.scaling[name],
-            dropout=_dropout_p(self.lora_dropout[name]),
-            training=self.training,
-            criterion=self.criterion,
-            plan=None if self.plan is None else as_plan(self.plan),
-        )
+        names = self._active_adapters
+        if len(names) == 1 and names[0] in self.lora_A:  # the common case, kept short
+            y, plan = self._call_op(x, names[0])
+        else:
+            names = self._live_adapters()
+            if not names:
+                return self.base_layer(x, *args, **kwargs)
+            y, plan = self._run(x, names)
         if not torch.compiler.is_compiling():
             self._last_plan = (x.numel() // max(1, x.shape[-1]), plan)  # (tokens, plan)
         return y
 
+    def _call_op(self, x: Tensor, name: str | None, stacked=None) -> tuple[Tensor, Plan]:
+        """The op on adapter ``name``, or on ``stacked = (A (R, in), B (out, R))``, scaled."""
+        if stacked is None:
+            lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+            scaling, dropout = self.scaling[name], _dropout_p(self.lora_dropout[name])
+        else:
+            (lora_a, lora_b), scaling, dropout = stacked, 1.0, 0.0
+        return run_adapter(
+            x,
+            self._base_weight_args(),
+            lora_a,
+            lora_b,
+            scaling=scaling,
+            dropout=dropout,
+            training=self.training,
+            criterion=self.criterion,
+            plan=None if self.plan is None else as_plan(self.plan),
+        )
+
+    def _op_adapters(self, names: list[str]) -> list[str]:
+        """Which of the adapters ``names`` run inside the one op call, their ranks stacked:
+        all of them, but for training with dropout, where each adapter draws its own mask (as
+        PEFT does) and only the first runs in the op."""
+        if len(names) > 1 and self.training:
+            if any(_dropout_p(self.lora_dropout[n]) for n in names):
+                return names[:1]
+        return names
+
+    def _run(self, x: Tensor, names: list[str]) -> tuple[Tensor, Plan]:
+        """The base layer plus the LoRA terms of ``names`` (all present in the layer)."""
+        inside = self._op_adapters(names)
+        if len(inside) == 1:
+            y, plan = self._call_op(x, inside[0])
+        else:
+            # sum_k s_k (X A_kᵀ) B_kᵀ = X [A_1; A_2; ...]ᵀ [s_1 B_1, s_2 B_2, ...]ᵀ: one op call
+            # of rank sum(r_k), planned like any other shape
+            lora_a = torch.cat([self.lora_A[n].weight for n in inside])
+            lora_b = torch.cat([self.scaling[n] * self.lora_B[n].weight for n in inside], dim=1)
+            y, plan = self._call_op(x, None, stacked=(lora_a, lora_b))
+        for name in names[len(inside) :]:  # op by op, each with its own dropout mask
+            lx = self.lora_dropout[name](x).to(self.lora_A[name].weight.dtype)
+            term = self.lora_B[name](self.lora_A[name](lx)) * self.scaling[name]
+            y = y + term.to(y.dtype)
+        return y, plan
+
+    def _mixed_batch_forward(self, x: Tensor, routing: Routing, args, kwargs) -> Tensor:
+        if self.training:
+            raise ValueError(
+                "adapter_names (one adapter per example) is for inference: call model.eval() "
+                "first, or train one adapter at a time with set_adapter"
+            )
+        if self.merged:
+            raise ValueError(
+                "adapter_names cannot be used while adapters are merged into the base weight; "
+                "unmerge them first"
+            )
+        if x.dim() < 2:
+            raise ValueError(f"adapter_names needs a batch dimension: x has shape {tuple(x.shape)}")
+
+        terms = self._mixed_terms(x, routing)
+        if terms[0] == "op":  # one adapter for the whole batch: the planned op
+            return self._run(x, [terms[1]])[0]
+        y = self.base_layer(x, *args, **kwargs)
+        if terms[0] == "stacked":
+            _, lora_a, lora_b, mask = terms
+            return y.add_(((x @ lora_a.t()) * mask) @ lora_b.t())
+        for rows, lora_a, lora_b, scaling in terms[1]:
+            term = (x.index_select(0, rows) @ lora_a.t()) @ lora_b.t()  # (k, ..., out)
+            y.index_add_(0, rows, term.to(y.dtype), alpha=scaling)
+        return y
+
+    def _mixed_terms(self, x: Tensor, routing: Routing) -> tuple:
+        """How this layer adds the adapters' terms for ``x`` under ``routing``; kept for the
+        routing's lifetime (one forward, or every step of one ``generate``) without autograd.
+
+        The base product is computed once for every row; then ``("op", name)`` (one adapter
+        for the batch: the planned op instead), ``("base",)`` (no term), ``("grouped", [(rows,
+        A, B, s), ...])`` or ``("stacked", A (R, in), B (out, R), mask)`` (see
+        ``runlora.routing`` for the two forms and when each wins).
+        """
+        key = (routing, x.shape[0], x.dim(), x.dtype, x.device)
+        cached = self._stack_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        groups = routing.groups(x.shape[0], x.device)
+        present = [n for n, _ in groups if n != BASE and n in self.lora_A]
+        if len(groups) == 1 and present:
+            terms: tuple = ("op", present[0])
+        elif not present:
+            terms = ("base",)
+        else:
+            cast = {"dtype": x.dtype}
+            if len(present) > 1 and x.numel() // x.shape[-1] <= STACKED_MAX_TOKENS:
+                lora_a = torch.cat([self.lora_A[n].weight.to(**cast) for n in present])
+                lora_b = torch.cat(
+                    [self.scaling[n] * self.lora_B[n].weight.to(**cast) for n in present], dim=1
+                )
+                blocks = [(n, self.r[n]) for n in present]
+                mask = routing.mask(x.shape, blocks, x.dtype, x.device)  # (batch, 1.., R)
+                terms = ("stacked", lora_a, lora_b, mask)
+            else:
+                terms = (
+                    "grouped",
+                    [
+                        (
+                            rows,
+                            self.lora_A[name].weight.to(**cast),
+                            self.lora_B[name].weight.to(**cast),
+                            self.scaling[name],
+                        )
+                        for name, rows in groups
+                        if name in present
+                    ],
+                )
+        if not torch.is_grad_enabled():
+            self.__dict__["_stack_cache"] = (key, terms)  # a plain attribute, set in __init__
+        return terms
+
     def delta_weight(self, adapter_name: str | None = None) -> Tensor:
         """s · B A, shaped like the stored base weight (``(out, in)``, ``(in, out)`` for Conv1D)."""
-        name = adapter_name or self.active_adapter
+        name = adapter_name or self._active_adapters[0]
         delta = self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
         return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """W += s·B A in place (the base tensor keeps its storage). A second call does nothing."""
-        if self.merged:
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """W += s·B A in place for each active adapter (or each of ``adapter_names``) not merged
+        yet; the base tensor keeps its storage."""
+        names = self._live_adapters() if adapter_names is None else list(adapter_names)
+        names = [n for n in names if n not in self.merged_adapters]
+        if not names:
             return
         if self._base_weight_args()[2] is not None:
             raise NotImplementedError("merging into a quantized base weight is not supported")
-        self.base_layer.weight.add_(self.delta_weight().to(self.base_layer.weight.dtype))
-        self.merged_adapters.append(self.active_adapter)
+        for name in names:
+            if name not in self.lora_A:
+                raise ValueError(f"this layer has no adapter {name!r}; it has {list(self.lora_A)}")
+            self.base_layer.weight.add_(self.delta_weight(name).to(self.base_layer.weight.dtype))
+            self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -359,7 +536,8 @@ class RunLoRALinear(nn.Module):
             self.base_layer.weight.sub_(self.delta_weight(name).to(self.base_layer.weight.dtype))
 
     def extra_repr(self) -> str:
-        r = self.r.get(self.active_adapter)
+        names = self._live_adapters()
+        r = self.r[names[0]] if len(names) == 1 else {n: self.r[n] for n in names}
         if self.plan is not None:
             plan = f"{as_plan(self.plan).forward}/{as_plan(self.plan).backward} (fixed)"
         elif self._last_plan is not None:

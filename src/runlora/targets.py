@@ -4,6 +4,9 @@ PEFT's rules: a list entry matches a module whose full name equals it or ends wi
 a string is a regex that must match the full name; ``"all-linear"`` is every linear layer but
 the output head. ``exclude_modules`` and ``modules_to_save`` win over targets;
 ``layers_to_transform`` keeps only the given layer indices.
+
+In a model that already has adapters, an adapted layer (``RunLoRALinear``) is matched by its own
+name and takes the new adapter; nothing inside it or inside a ``ModulesToSave`` wrapper is.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import re
 from torch import nn
 
 from .config import LoraConfig
-from .layer import is_supported_base
+from .layer import RunLoRALinear, is_supported_base
 
 __all__ = ["find_targets", "pattern_value", "ALL_LINEAR"]
 
@@ -51,16 +54,35 @@ def _layer_index_ok(config: LoraConfig, key: str) -> bool:
     return index == indices if isinstance(indices, int) else index in indices
 
 
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``named_modules()`` without the model itself and without what lies inside runlora's
+    wrappers (a ``RunLoRALinear``'s base layer and adapters, ``ModulesToSave``'s copies)."""
+    out: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(w + ".") for w in inside):
+            continue
+        out.append((name, module))
+        if getattr(module, "_runlora_wrapper", False):
+            inside.append(name)
+    return out
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, RunLoRALinear) or is_supported_base(module)
+
+
 def _all_linear(model: nn.Module, config: LoraConfig) -> list[str]:
     heads = set()
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is None and config.task_type == "SEQ_CLS":
         head = next((getattr(model, n) for n in _SEQ_CLS_HEADS if hasattr(model, n)), None)
-    for name, module in model.named_modules():
+    candidates = _candidates(model)
+    for name, module in candidates:
         if head is not None and module is head:
             heads.add(name)
-    return [n for n, m in model.named_modules() if n and is_supported_base(m) and n not in heads]
+    return [n for n, m in candidates if _adaptable(m) and n not in heads]
 
 
 def _is_target(config: LoraConfig, key: str, targets) -> bool:
@@ -88,9 +110,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
         )
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         targets = _all_linear(model, config)
-    found = [(n, m) for n, m in model.named_modules() if n and _is_target(config, n, targets)]
+    found = [(n, m) for n, m in _candidates(model) if _is_target(config, n, targets)]
     for name, module in found:
-        if not is_supported_base(module):
+        if not _adaptable(module):
             raise TypeError(
                 f"target module {name!r} is a {type(module).__name__}, not a linear layer; "
                 "runlora adapts nn.Linear and Conv1D only: narrow target_modules "

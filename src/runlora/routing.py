@@ -1,0 +1,124 @@
+"""Per-example adapters in one batch: many adapters served over one base model.
+
+``adapter_names[i]`` names the adapter that example ``i`` of a batch runs with (PEFT's
+``adapter_names=`` argument; ``"__base__"`` runs the base model alone). The rows of one adapter
+form a group. An adapted layer computes the base product once for the whole batch and adds each
+group's low-rank term to its rows; a batch that uses one adapter only runs the planned op. A
+``ModulesToSave`` wrapper runs each group through its adapter's copy of the module.
+
+Two ways to add the low-rank terms, chosen by the batch's token count:
+
+- grouped (more than ``STACKED_MAX_TOKENS`` tokens): per adapter, gather its rows, two rank-r
+  products, add them back (``index_add_``): 2·n_k·r·(in + out) FLOPs for n_k tokens, but four
+  small ops per adapter and layer;
+- stacked (up to ``STACKED_MAX_TOKENS`` tokens, a decoding step): every adapter on every row in
+  two products, ``((x [A_1; ...; A_K]ᵀ) ⊙ M) [s_1 B_1, ..., s_K B_K]ᵀ`` with a 0/1 mask M that
+  keeps each row's own adapter: K times the FLOPs, but three ops per layer whatever K.
+
+Measured on this project's CPU (fp32, K = 4 and 15, r = 8, 256–1376 features): at 16 tokens
+the stacked form adds 1.5–2.5× less time to the base GEMM than the grouped one; at 2048 tokens
+the grouped form adds 1.5–3× less.
+
+::
+
+    x (batch, ..., in) ──► base: x Wᵀ, every row ───────────────────────┐
+      ├──► rows of "a" ──► s_a (x A_aᵀ) B_aᵀ ──► added to the rows of "a" ┤──► y
+      └──► rows of "b" ──► s_b (x A_bᵀ) B_bᵀ ──► added to the rows of "b" ┘
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["BASE", "STACKED_MAX_TOKENS", "Routing", "run_grouped"]
+
+#: The name that runs an example on the base model, without any adapter (PEFT's).
+BASE = "__base__"
+#: Batches of at most this many tokens add their adapters' terms stacked and masked (above).
+STACKED_MAX_TOKENS = 64
+
+
+class Routing:
+    """Which adapter each example of a batch runs with.
+
+    Args:
+        names: one adapter name per example (``BASE`` for none).
+        expand: accept a batch that is a whole multiple k of ``len(names)``, each example
+            repeated k times in a row, as ``generate`` repeats them for beams and for
+            ``num_return_sequences``.
+    """
+
+    def __init__(self, names: Sequence[str], *, expand: bool = False) -> None:
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise TypeError(
+                f"adapter_names must be a list of adapter names, one per example, got {names!r}"
+            )
+        if not names:
+            raise ValueError("adapter_names is empty; give one adapter name per example")
+        self.names = tuple(names)
+        self.expand = expand
+        self._groups: dict[tuple[int, torch.device], list[tuple[str, Tensor]]] = {}
+        self._masks: dict[tuple, Tensor] = {}
+
+    def groups(self, batch: int, device: torch.device) -> list[tuple[str, Tensor]]:
+        """``(adapter name, row indices (k,) int64)`` per adapter, in order of first use.
+
+        Raises:
+            ValueError: if ``batch`` does not match the number of names.
+        """
+        key = (batch, device)
+        if key not in self._groups:
+            names = self.names
+            if batch != len(names):
+                if not (self.expand and batch % len(names) == 0):
+                    raise ValueError(
+                        f"adapter_names has {len(names)} names but the batch has {batch} "
+                        "examples; give one name per example"
+                    )
+                names = tuple(n for n in names for _ in range(batch // len(names)))
+            rows: dict[str, list[int]] = {}
+            for i, name in enumerate(names):
+                rows.setdefault(name, []).append(i)
+            self._groups[key] = [
+                (name, torch.tensor(ix, dtype=torch.int64, device=device))
+                for name, ix in rows.items()
+            ]
+        return self._groups[key]
+
+    def mask(
+        self, shape: torch.Size, blocks: list[tuple[str, int]], dtype: torch.dtype, device
+    ) -> Tensor:
+        """0/1 mask ``(batch, 1, ..., 1, sum of ranks)`` for an input of ``shape``: row i keeps
+        the columns of its adapter's block; ``blocks`` are ``(name, rank)`` in stacking order."""
+        key = (shape[0], len(shape), tuple(blocks), dtype, device)
+        if key not in self._masks:
+            mask = torch.zeros(shape[0], sum(r for _, r in blocks), dtype=dtype, device=device)
+            start = {}
+            offset = 0
+            for name, r in blocks:
+                start[name] = (offset, offset + r)
+                offset += r
+            for name, rows in self.groups(shape[0], device):
+                if name in start:
+                    lo, hi = start[name]
+                    mask[rows, lo:hi] = 1
+            self._masks[key] = mask.view(shape[0], *([1] * (len(shape) - 2)), offset)
+        return self._masks[key]
+
+
+def run_grouped(
+    x: Tensor, groups: list[tuple[str, Tensor]], fn: Callable[[str, Tensor], Tensor]
+) -> Tensor:
+    """``y`` with ``y[rows] = fn(name, x[rows])`` for each group; ``x`` of shape ``(batch, ...)``.
+
+    One group runs on ``x`` as it is (no gather, no scatter).
+    """
+    if len(groups) == 1:
+        return fn(groups[0][0], x)
+    outs = [fn(name, x.index_select(0, rows)) for name, rows in groups]
+    order = torch.cat([rows for _, rows in groups])
+    y = outs[0].new_empty((x.shape[0], *outs[0].shape[1:]))
+    return y.index_copy_(0, order, torch.cat(outs))

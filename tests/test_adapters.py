@@ -1,0 +1,312 @@
+"""Several adapters on one model, against PEFT: add/set/delete, several active at once,
+per-example adapters in a batch (forward and generate), saving and loading each adapter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import llama, text_batch
+
+import runlora.layer
+from runlora import LoraConfig, RunLoRALinear, RunLoRAModel, get_runlora_model
+from runlora.distributed import plan_requests
+
+peft = pytest.importorskip("peft")
+
+#: adapter "default" and adapter "b": different ranks, alphas and targets (overlapping on q_proj)
+DEFAULT = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+OTHER = dict(r=2, lora_alpha=16, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+MIXED = ["b", "__base__", "default", "b"]
+#: runlora.layer.STACKED_MAX_TOKENS values that force each way of adding the terms
+FORMS = {"grouped": 0, "stacked": 10**9}
+
+
+def base_llama():
+    """The same tiny Llama each call."""
+    torch.manual_seed(0)
+    return llama()
+
+
+def two_adapter_pair(default=DEFAULT, other=OTHER):
+    """(PEFT model, runlora model) with adapters "default" and "b", runlora's tensors = PEFT's."""
+    base = base_llama()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**default))
+    theirs.add_adapter("b", peft.LoraConfig(**other))
+    ours = get_runlora_model(copy.deepcopy(base), LoraConfig(**default))
+    ours.add_adapter("b", LoraConfig(**other))
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def batch4(seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 256, (4, 8), generator=gen)
+    return {"input_ids": ids, "labels": ids}
+
+
+def test_add_set_delete_follow_peft():
+    theirs, ours = two_adapter_pair()
+    assert trainable(ours) == trainable(theirs) and ours.active_adapter == "default"
+    assert all(".default." in n for n in trainable(ours))  # "b" added frozen and inactive
+    theirs.set_adapter("b")
+    ours.set_adapter("b")
+    assert trainable(ours) == trainable(theirs) and ours.active_adapter == "b"
+    assert all(".b." in n for n in trainable(ours))
+    batch = text_batch()
+    for name in ("default", "b"):
+        theirs.set_adapter(name)
+        ours.set_adapter(name)
+        torch.testing.assert_close(ours(**batch).loss, theirs(**batch).loss)
+    for model in (theirs, ours):
+        model.set_adapter("b")
+        model.delete_adapter("b")
+    assert list(ours.peft_config) == ["default"] and ours.active_adapter == "default"
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert trainable(ours) == trainable(theirs)
+
+
+def test_several_active_adapters_sum_like_peft():
+    """Forward and gradients with both adapters active, without and with dropout."""
+    theirs, ours = two_adapter_pair()
+    theirs.base_model.set_adapter(["default", "b"])
+    ours.set_adapter(["default", "b"])
+    assert trainable(ours) == trainable(theirs)
+    batch = text_batch()
+    for model in (theirs, ours):
+        model.train()
+        model(**batch).loss.backward()
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    for n, p in theirs.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6)
+    # The stacked op call is planned for the summed rank where both adapters meet (q_proj).
+    shapes = {(q.in_features, q.out_features, q.r) for q in plan_requests(ours, n_tokens=16)}
+    assert (64, 64, 6) in shapes and (64, 64, 4) in shapes and (128, 64, 2) in shapes
+
+
+def test_several_active_adapters_with_dropout_draw_their_own_masks():
+    """Training with dropout on the second adapter: it runs beside the op with its own
+    nn.Dropout, drawing from the RNG as PEFT's loop does, so the same seed gives PEFT's loss.
+    ("b" only where "default" is too: alone, an adapter runs in the op, whose masks come from
+    its own seeded generator.)"""
+    other = {**OTHER, "target_modules": ["q_proj"], "lora_dropout": 0.3}
+    theirs, ours = two_adapter_pair(other=other)
+    theirs.base_model.set_adapter(["default", "b"])
+    ours.set_adapter(["default", "b"])
+    batch = text_batch()
+    losses = []
+    for model in (theirs, ours):
+        model.train()
+        torch.manual_seed(7)
+        losses.append(model(**batch).loss)
+    torch.testing.assert_close(losses[1], losses[0])
+    theirs.eval()
+    ours.eval()
+    torch.testing.assert_close(ours(**batch).loss, theirs(**batch).loss)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_adapter_names_per_example_match_peft(form, monkeypatch):
+    monkeypatch.setattr(runlora.layer, "STACKED_MAX_TOKENS", FORMS[form])
+    theirs, ours = two_adapter_pair()
+    theirs.eval()
+    ours.eval()
+    batch = batch4()
+    with torch.no_grad():
+        want = theirs(**batch, adapter_names=MIXED).logits
+        got = ours(**batch, adapter_names=MIXED).logits
+        torch.testing.assert_close(got, want)
+        # each row as if run alone with its adapter
+        for i, name in enumerate(MIXED):
+            row = {k: v[i : i + 1] for k, v in batch.items()}
+            if name == "__base__":
+                with ours.disable_adapter():
+                    alone = ours(**row).logits
+            else:
+                ours.set_adapter(name, inference_mode=True)
+                alone = ours(**row).logits
+            torch.testing.assert_close(got[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    assert all(m._routing is None for m in ours.modules() if isinstance(m, RunLoRALinear))
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("beams", [1, 2])
+def test_generate_with_adapter_names_matches_peft(beams, form, monkeypatch):
+    monkeypatch.setattr(runlora.layer, "STACKED_MAX_TOKENS", FORMS[form])
+    theirs, ours = two_adapter_pair()
+    theirs.eval()
+    ours.eval()
+    prompts = batch4(seed=3)["input_ids"][:, :5]
+    kwargs = dict(max_new_tokens=4, do_sample=False, num_beams=beams, pad_token_id=0)
+    with torch.no_grad():
+        want = theirs.generate(input_ids=prompts, adapter_names=MIXED, **kwargs)
+        got = ours.generate(input_ids=prompts, adapter_names=MIXED, **kwargs)
+    assert torch.equal(got, want)
+
+
+def test_adapter_names_with_modules_to_save_route_each_example():
+    """Each adapter trains its own lm_head copy; rows run with their adapter's copy."""
+    with_head = {**DEFAULT, "modules_to_save": ["lm_head"]}
+    theirs, ours = two_adapter_pair(with_head, {**OTHER, "modules_to_save": ["lm_head"]})
+    with torch.no_grad():
+        for model in (theirs, ours):  # make the two heads differ from the original
+            for name in ("default", "b"):
+                head = model.get_base_model().lm_head.modules_to_save[name]
+                head.weight.add_(torch.randn_like(head.weight) * 0.1)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.eval()
+    ours.eval()
+    batch = batch4()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(**batch, adapter_names=MIXED).logits,
+            theirs(**batch, adapter_names=MIXED).logits,
+        )
+    with pytest.raises(ValueError, match="only one of them can be active"):
+        ours.set_adapter(["default", "b"])
+
+
+def test_each_adapter_saves_where_peft_does_and_loads_both_ways(tmp_path):
+    theirs, ours = two_adapter_pair()
+    ours.save_pretrained(tmp_path / "ours")
+    assert (tmp_path / "ours" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "ours" / "b" / "adapter_config.json").is_file()
+    theirs.save_pretrained(tmp_path / "peft")
+    theirs.eval()
+    batch = batch4()
+    with torch.no_grad():
+        want = theirs(**batch, adapter_names=MIXED).logits
+    # PEFT reads ours
+    loaded = peft.PeftModel.from_pretrained(base_llama(), str(tmp_path / "ours"))
+    loaded.load_adapter(str(tmp_path / "ours" / "b"), adapter_name="b")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch, adapter_names=MIXED).logits, want)
+    # we read PEFT's
+    back = RunLoRAModel.from_pretrained(base_llama(), tmp_path / "peft")
+    back.load_adapter(tmp_path / "peft" / "b", adapter_name="b")
+    assert set(back.peft_config) == {"default", "b"} and not trainable(back)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch, adapter_names=MIXED).logits, want)
+    # selected_adapters: only "b", in its subdirectory
+    ours.save_pretrained(tmp_path / "only_b", selected_adapters=["b"])
+    assert not (tmp_path / "only_b" / "adapter_config.json").exists()
+    assert (tmp_path / "only_b" / "b" / "adapter_model.safetensors").is_file()
+
+
+def test_load_adapter_as_trainable_trains_after_set_adapter(tmp_path):
+    theirs, ours = two_adapter_pair()
+    ours.save_pretrained(tmp_path)
+    model = RunLoRAModel.from_pretrained(base_llama(), tmp_path, is_trainable=True)
+    model.load_adapter(tmp_path / "b", "b", is_trainable=True)
+    assert all(".default." in n for n in trainable(model))
+    model.set_adapter("b")
+    assert trainable(model) == {n for n, _ in ours.named_parameters() if ".b." in n}
+
+
+def test_merge_and_unload_several_active_adapters():
+    _, ours = two_adapter_pair()
+    ours.set_adapter(["default", "b"])
+    ours.eval()
+    batch = text_batch()
+    with torch.no_grad():
+        want = ours(**batch).logits
+        merged = ours.merge_and_unload()
+        torch.testing.assert_close(merged(**batch).logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("shape", [(5, 16), (5, 3, 16), (5, 2, 3, 16)])
+def test_layer_takes_adapter_names_directly(form, shape, monkeypatch):
+    """Both ways of adding the terms, on 2-D to 4-D inputs: row i is x[i] run alone."""
+    monkeypatch.setattr(runlora.layer, "STACKED_MAX_TOKENS", FORMS[form])
+    layer = RunLoRALinear(torch.nn.Linear(16, 8), r=2, init_lora_weights=False)
+    layer.update_layer("b", 3, 6, init_lora_weights=False)
+    layer.eval()
+    x = torch.randn(*shape)
+    names = ["b", "default", "__base__", "b", "default"]
+    with torch.no_grad():
+        got = layer(x, adapter_names=names)
+        for i, name in enumerate(names):
+            want = layer.base_layer(x[i])
+            if name != "__base__":
+                want = want + x[i] @ layer.delta_weight(name).t()
+            torch.testing.assert_close(got[i], want)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda m: m.set_adapter("nope"), ValueError, "no adapter named 'nope'"),
+        (lambda m: m.delete_adapter("nope"), ValueError, "no adapter named 'nope'"),
+        (lambda m: m.add_adapter("b", LoraConfig(**OTHER)), ValueError, "exists already"),
+        (lambda m: m.add_adapter("x.y", LoraConfig(**OTHER)), ValueError, "without '.'"),
+        (lambda m: m.add_adapter("c", peft.LoraConfig(**OTHER)), TypeError, "runlora.LoraConfig"),
+        (lambda m: m.save_pretrained("unused", selected_adapters=["c"]), ValueError, "'c'"),
+        (lambda m: m.eval()(**batch4(), adapter_names=["b", "c", "b", "b"]), ValueError, "'c'"),
+        (lambda m: m.eval()(**batch4(), adapter_names=["b"] * 3), ValueError, "3 names"),
+        (lambda m: m.eval()(**batch4(), adapter_names="b"), TypeError, "list of adapter"),
+        (lambda m: m.train()(**batch4(), adapter_names=["b"] * 4), ValueError, "inference"),
+    ],
+)
+def test_bad_adapter_calls_raise_clearly(call, error, match):
+    _, ours = two_adapter_pair()
+    with pytest.raises(error, match=match):
+        call(ours)
+
+
+def test_adapter_names_refused_while_merged_and_last_adapter_kept():
+    _, ours = two_adapter_pair()
+    ours.eval()
+    for _, layer in ours.lora_layers():
+        layer.merge()
+    with pytest.raises(ValueError, match="merged"):
+        ours(**batch4(), adapter_names=MIXED)
+    single = get_runlora_model(llama(), LoraConfig(**DEFAULT))
+    with pytest.raises(ValueError, match="only adapter"):
+        single.delete_adapter("default")
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_adapter_names_on_a_bf16_base_with_fp32_adapters(form, monkeypatch):
+    monkeypatch.setattr(runlora.layer, "STACKED_MAX_TOKENS", FORMS[form])
+    base = torch.nn.Linear(32, 16).to(torch.bfloat16)
+    layer = RunLoRALinear(base, r=4, init_lora_weights=False)
+    layer.update_layer("b", 2, 4, init_lora_weights=False)
+    for module in (*layer.lora_A.values(), *layer.lora_B.values()):
+        module.float()
+    layer.eval()
+    x = torch.randn(6, 5, 32, dtype=torch.bfloat16)
+    names = ["default", "b", "__base__", "b", "default", "b"]
+    with torch.no_grad():
+        got = layer(x, adapter_names=names)
+    assert got.dtype == torch.bfloat16
+    w, bias = base.weight.double(), base.bias.double()
+    for i, name in enumerate(names):
+        want = x[i].double() @ w.t() + bias
+        if name != "__base__":
+            want = want + x[i].double() @ layer.delta_weight(name).double().t()
+        torch.testing.assert_close(got[i].double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_stacked_adapters_follow_weight_changes(monkeypatch):
+    """The stacked A/B kept between no-grad calls are rebuilt once a weight changes."""
+    monkeypatch.setattr(runlora.layer, "STACKED_MAX_TOKENS", FORMS["stacked"])
+    layer = RunLoRALinear(torch.nn.Linear(16, 8), r=2, init_lora_weights=False)
+    layer.update_layer("b", 3, 6, init_lora_weights=False)
+    layer.eval()
+    x = torch.randn(4, 16)
+    names = ["b", "default", "b", "default"]
+    with torch.no_grad():
+        first = layer(x, adapter_names=names)
+        layer.lora_B["b"].weight.add_(1.0)
+        second = layer(x, adapter_names=names)
+    moved = x[0] @ (layer.scaling["b"] * layer.lora_A["b"].weight.t()).sum(1) * torch.ones(8)
+    torch.testing.assert_close(second[0] - first[0], moved)
+    torch.testing.assert_close(second[1], first[1])
