@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_models import llama, text_batch
 
-import runlora.layer
+import runlora.routing
 from runlora import LoraConfig, RunLoRALinear, RunLoRAModel, get_runlora_model
 from runlora.distributed import plan_requests
 
@@ -19,7 +19,7 @@ peft = pytest.importorskip("peft")
 DEFAULT = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 OTHER = dict(r=2, lora_alpha=16, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
 MIXED = ["b", "__base__", "default", "b"]
-#: runlora.layer.STACKED_MAX_TOKENS values that force each way of adding the terms
+#: runlora.routing.STACKED_MAX_TOKENS values that force each way of adding the terms
 FORMS = {"grouped": 0, "stacked": 10**9}
 
 
@@ -114,7 +114,7 @@ def test_several_active_adapters_with_dropout_draw_their_own_masks():
 
 @pytest.mark.parametrize("form", list(FORMS))
 def test_adapter_names_per_example_match_peft(form, monkeypatch):
-    monkeypatch.setattr(runlora.layer, "STACKED_MAX_TOKENS", FORMS[form])
+    monkeypatch.setattr(runlora.routing, "STACKED_MAX_TOKENS", FORMS[form])
     theirs, ours = two_adapter_pair()
     theirs.eval()
     ours.eval()
@@ -139,7 +139,7 @@ def test_adapter_names_per_example_match_peft(form, monkeypatch):
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("beams", [1, 2])
 def test_generate_with_adapter_names_matches_peft(beams, form, monkeypatch):
-    monkeypatch.setattr(runlora.layer, "STACKED_MAX_TOKENS", FORMS[form])
+    monkeypatch.setattr(runlora.routing, "STACKED_MAX_TOKENS", FORMS[form])
     theirs, ours = two_adapter_pair()
     theirs.eval()
     ours.eval()
@@ -225,7 +225,7 @@ def test_merge_and_unload_several_active_adapters():
 @pytest.mark.parametrize("shape", [(5, 16), (5, 3, 16), (5, 2, 3, 16)])
 def test_layer_takes_adapter_names_directly(form, shape, monkeypatch):
     """Both ways of adding the terms, on 2-D to 4-D inputs: row i is x[i] run alone."""
-    monkeypatch.setattr(runlora.layer, "STACKED_MAX_TOKENS", FORMS[form])
+    monkeypatch.setattr(runlora.routing, "STACKED_MAX_TOKENS", FORMS[form])
     layer = RunLoRALinear(torch.nn.Linear(16, 8), r=2, init_lora_weights=False)
     layer.update_layer("b", 3, 6, init_lora_weights=False)
     layer.eval()
@@ -275,7 +275,7 @@ def test_adapter_names_refused_while_merged_and_last_adapter_kept():
 
 @pytest.mark.parametrize("form", list(FORMS))
 def test_adapter_names_on_a_bf16_base_with_fp32_adapters(form, monkeypatch):
-    monkeypatch.setattr(runlora.layer, "STACKED_MAX_TOKENS", FORMS[form])
+    monkeypatch.setattr(runlora.routing, "STACKED_MAX_TOKENS", FORMS[form])
     base = torch.nn.Linear(32, 16).to(torch.bfloat16)
     layer = RunLoRALinear(base, r=4, init_lora_weights=False)
     layer.update_layer("b", 2, 4, init_lora_weights=False)
@@ -297,7 +297,7 @@ def test_adapter_names_on_a_bf16_base_with_fp32_adapters(form, monkeypatch):
 
 def test_stacked_adapters_follow_weight_changes(monkeypatch):
     """The stacked A/B kept between no-grad calls are rebuilt once a weight changes."""
-    monkeypatch.setattr(runlora.layer, "STACKED_MAX_TOKENS", FORMS["stacked"])
+    monkeypatch.setattr(runlora.routing, "STACKED_MAX_TOKENS", FORMS["stacked"])
     layer = RunLoRALinear(torch.nn.Linear(16, 8), r=2, init_lora_weights=False)
     layer.update_layer("b", 3, 6, init_lora_weights=False)
     layer.eval()
@@ -310,3 +310,161 @@ def test_stacked_adapters_follow_weight_changes(monkeypatch):
     moved = x[0] @ (layer.scaling["b"] * layer.lora_A["b"].weight.t()).sum(1) * torch.ones(8)
     torch.testing.assert_close(second[0] - first[0], moved)
     torch.testing.assert_close(second[1], first[1])
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["__base__"] * 4,
+        ["default"] * 4,
+        ["b"] * 4,
+        ["default", "__base__", "default", "default"],  # down_proj has no term for any row
+    ],
+)
+def test_adapter_names_where_a_layer_has_nothing_to_add(names):
+    theirs, ours = two_adapter_pair()
+    theirs.eval()
+    ours.eval()
+    with torch.no_grad():
+        want = theirs(**batch4(), adapter_names=names).logits
+        torch.testing.assert_close(ours(**batch4(), adapter_names=names).logits, want)
+    layer = RunLoRALinear(torch.nn.Linear(16, 8), r=2).eval()
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(layer(x, adapter_names=["__base__"] * 2), layer.base_layer(x))
+
+
+def test_a_new_adapter_waits_for_set_adapter_everywhere():
+    """Right after add_adapter, layers only the new adapter targets run the base (PEFT)."""
+    _, ours = two_adapter_pair()
+    base = base_llama()
+    theirs = peft.get_peft_model(base, peft.LoraConfig(**DEFAULT))
+    ours2 = get_runlora_model(base_llama(), LoraConfig(**DEFAULT))
+    ours2.load_state_dict(theirs.state_dict())
+    theirs.add_adapter("b", peft.LoraConfig(**OTHER))
+    ours2.add_adapter("b", LoraConfig(**OTHER))
+    down = ours2.get_base_model().model.layers[0].mlp.down_proj
+    assert down.active_adapters == ["default"] and ours2.active_adapter == "default"
+    batch = text_batch()
+    torch.testing.assert_close(ours2(**batch).loss, theirs(**batch).loss)
+    assert trainable(ours2) == trainable(theirs)
+
+
+def test_set_adapter_without_modules_to_save_runs_the_original_module():
+    with_head = {**DEFAULT, "modules_to_save": ["lm_head"]}
+    theirs, ours = two_adapter_pair(with_head, OTHER)
+    with torch.no_grad():
+        for model in (theirs, ours):
+            head = model.get_base_model().lm_head.modules_to_save["default"]
+            head.weight.add_(1.0)
+    for model in (theirs, ours):
+        model.set_adapter("b")
+    batch = text_batch()
+    torch.testing.assert_close(ours(**batch).loss, theirs(**batch).loss)
+    assert ours.get_base_model().lm_head.active_adapter is None
+
+
+def test_merge_and_unload_an_adapter_that_skips_some_layers():
+    _, ours = two_adapter_pair()
+    ours.set_adapter("b", inference_mode=True)
+    ours.eval()
+    batch = text_batch()
+    with torch.no_grad():
+        want = ours(**batch).logits
+        merged = ours.merge_and_unload(adapter_names=["b"])
+        torch.testing.assert_close(merged(**batch).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_routed_call_inside_a_routed_call_restores_the_outer_routing():
+    _, ours = two_adapter_pair()
+    ours.eval()
+    ids = batch4()["input_ids"]
+    with torch.no_grad():
+        want = ours(input_ids=ids, adapter_names=MIXED).logits
+        with ours._routed(MIXED):
+            ours(input_ids=ids[:2], adapter_names=["default", "b"])  # nested, then gone
+            torch.testing.assert_close(ours(input_ids=ids).logits, want)
+    assert all(m._routing is None for m in ours.modules() if isinstance(m, RunLoRALinear))
+
+
+def test_routed_calls_from_two_threads_are_refused():
+    import threading
+
+    _, ours = two_adapter_pair()
+    ours.eval()
+    errors = []
+
+    def other_thread():
+        try:
+            ours(**batch4())
+        except RuntimeError as err:
+            errors.append(str(err))
+
+    with torch.no_grad(), ours._routed(MIXED):
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert errors and "another thread" in errors[0]
+    with torch.no_grad():
+        ours(**batch4())  # the owner is gone: plain calls work again
+
+
+def test_generate_refuses_a_wrong_number_of_adapter_names():
+    _, ours = two_adapter_pair()
+    ours.eval()
+    with pytest.raises(ValueError, match="2 names for 4 prompts"):
+        ours.generate(input_ids=batch4()["input_ids"], adapter_names=["b", "default"])
+
+
+def test_a_refused_set_adapter_changes_nothing():
+    with_head = {**DEFAULT, "modules_to_save": ["lm_head"]}
+    _, ours = two_adapter_pair(with_head, {**OTHER, "modules_to_save": ["lm_head"]})
+    before = trainable(ours)
+    layers = {n: m.active_adapters for n, m in ours.lora_layers()}
+    with pytest.raises(ValueError, match="only one of them can be active"):
+        ours.set_adapter(["default", "b"])
+    assert trainable(ours) == before and ours.active_adapter == "default"
+    assert {n: m.active_adapters for n, m in ours.lora_layers()} == layers
+
+
+def test_decoding_steps_after_a_long_prefill_add_the_terms_stacked(monkeypatch):
+    _, ours = two_adapter_pair()
+    ours.eval()
+    seen = []
+    real = runlora.routing.layer_terms
+
+    def recording(layer, x, routing):
+        terms = real(layer, x, routing)
+        seen.append((x.numel() // x.shape[-1], terms[0]))
+        return terms
+
+    monkeypatch.setattr(runlora.routing, "layer_terms", recording)
+    prompts = torch.randint(1, 256, (4, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours.generate(
+            input_ids=prompts,
+            adapter_names=MIXED,
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=0,
+            use_cache=True,
+        )
+    forms = {tokens: {f for t, f in seen if t == tokens} for tokens, _ in seen}
+    assert forms[160] == {"grouped"}  # prefill: 4 prompts x 40 tokens
+    assert "stacked" in forms[4]  # decoding: where two adapters meet (q_proj)
+
+
+def test_several_adapters_with_bias_are_refused_as_in_peft():
+    ours = get_runlora_model(base_llama(), LoraConfig(**DEFAULT, bias="lora_only"))
+    with pytest.raises(ValueError, match="bias='none' for every adapter"):
+        ours.add_adapter("b", LoraConfig(**OTHER))
+    _, ours = two_adapter_pair()
+    with pytest.raises(ValueError, match="bias='none' for every adapter"):
+        ours.add_adapter("c", LoraConfig(**OTHER, bias="all"))
+
+
+def test_set_adapter_leaves_other_parameters_as_the_user_set_them():
+    _, ours = two_adapter_pair()
+    norm = ours.get_base_model().model.norm.weight
+    norm.requires_grad_(True)
+    ours.set_adapter("b")
+    assert norm.requires_grad

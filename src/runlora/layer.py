@@ -32,7 +32,7 @@ from .function import lora_linear
 from .plan_lookup import lookup_plan, token_bucket
 from .planner import CRITERIA, Plan, as_plan
 from .quant import base_handler as _quantized_handler
-from .routing import BASE, STACKED_MAX_TOKENS, Routing
+from .routing import Routing, mixed_batch_forward
 
 __all__ = [
     "RunLoRALinear",
@@ -245,7 +245,7 @@ class RunLoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self._active_adapters: list[str] = [adapter_name]
         self._routing: Routing | None = None  # set by RunLoRAModel for adapter_names=
-        self._stack_cache: tuple | None = None  # see _mixed_terms
+        self._stack_cache: tuple | None = None  # see runlora.routing.layer_terms
         self.criterion = criterion
         self.plan: Plan | None = None
         self.disable_adapters = False
@@ -345,6 +345,10 @@ class RunLoRALinear(nn.Module):
             self.lora_B[key].requires_grad_(trainable)
         self._active_adapters = names
 
+    def _activate(self, adapter_names: list[str]) -> None:
+        """Which adapters run, trainability untouched."""
+        self._active_adapters = list(adapter_names)
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name``; if it was active, the other active ones stay, or the first
         remaining adapter becomes active."""
@@ -373,7 +377,7 @@ class RunLoRALinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         routing = self._routing if adapter_names is None else Routing(adapter_names)
         if routing is not None:
-            return self._mixed_batch_forward(x, routing, args, kwargs)
+            return mixed_batch_forward(self, x, routing, args, kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         names = self._active_adapters
@@ -433,79 +437,6 @@ class RunLoRALinear(nn.Module):
             y = y + term.to(y.dtype)
         return y, plan
 
-    def _mixed_batch_forward(self, x: Tensor, routing: Routing, args, kwargs) -> Tensor:
-        if self.training:
-            raise ValueError(
-                "adapter_names (one adapter per example) is for inference: call model.eval() "
-                "first, or train one adapter at a time with set_adapter"
-            )
-        if self.merged:
-            raise ValueError(
-                "adapter_names cannot be used while adapters are merged into the base weight; "
-                "unmerge them first"
-            )
-        if x.dim() < 2:
-            raise ValueError(f"adapter_names needs a batch dimension: x has shape {tuple(x.shape)}")
-
-        terms = self._mixed_terms(x, routing)
-        if terms[0] == "op":  # one adapter for the whole batch: the planned op
-            return self._run(x, [terms[1]])[0]
-        y = self.base_layer(x, *args, **kwargs)
-        if terms[0] == "stacked":
-            _, lora_a, lora_b, mask = terms
-            return y.add_(((x @ lora_a.t()) * mask) @ lora_b.t())
-        for rows, lora_a, lora_b, scaling in terms[1]:
-            term = (x.index_select(0, rows) @ lora_a.t()) @ lora_b.t()  # (k, ..., out)
-            y.index_add_(0, rows, term.to(y.dtype), alpha=scaling)
-        return y
-
-    def _mixed_terms(self, x: Tensor, routing: Routing) -> tuple:
-        """How this layer adds the adapters' terms for ``x`` under ``routing``; kept for the
-        routing's lifetime (one forward, or every step of one ``generate``) without autograd.
-
-        The base product is computed once for every row; then ``("op", name)`` (one adapter
-        for the batch: the planned op instead), ``("base",)`` (no term), ``("grouped", [(rows,
-        A, B, s), ...])`` or ``("stacked", A (R, in), B (out, R), mask)`` (see
-        ``runlora.routing`` for the two forms and when each wins).
-        """
-        key = (routing, x.shape[0], x.dim(), x.dtype, x.device)
-        cached = self._stack_cache
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        groups = routing.groups(x.shape[0], x.device)
-        present = [n for n, _ in groups if n != BASE and n in self.lora_A]
-        if len(groups) == 1 and present:
-            terms: tuple = ("op", present[0])
-        elif not present:
-            terms = ("base",)
-        else:
-            cast = {"dtype": x.dtype}
-            if len(present) > 1 and x.numel() // x.shape[-1] <= STACKED_MAX_TOKENS:
-                lora_a = torch.cat([self.lora_A[n].weight.to(**cast) for n in present])
-                lora_b = torch.cat(
-                    [self.scaling[n] * self.lora_B[n].weight.to(**cast) for n in present], dim=1
-                )
-                blocks = [(n, self.r[n]) for n in present]
-                mask = routing.mask(x.shape, blocks, x.dtype, x.device)  # (batch, 1.., R)
-                terms = ("stacked", lora_a, lora_b, mask)
-            else:
-                terms = (
-                    "grouped",
-                    [
-                        (
-                            rows,
-                            self.lora_A[name].weight.to(**cast),
-                            self.lora_B[name].weight.to(**cast),
-                            self.scaling[name],
-                        )
-                        for name, rows in groups
-                        if name in present
-                    ],
-                )
-        if not torch.is_grad_enabled():
-            self.__dict__["_stack_cache"] = (key, terms)  # a plain attribute, set in __init__
-        return terms
-
     def delta_weight(self, adapter_name: str | None = None) -> Tensor:
         """s · B A, shaped like the stored base weight (``(out, in)``, ``(in, out)`` for Conv1D)."""
         name = adapter_name or self._active_adapters[0]
@@ -523,10 +454,10 @@ class RunLoRALinear(nn.Module):
         if self._base_weight_args()[2] is not None:
             raise NotImplementedError("merging into a quantized base weight is not supported")
         for name in names:
-            if name not in self.lora_A:
-                raise ValueError(f"this layer has no adapter {name!r}; it has {list(self.lora_A)}")
-            self.base_layer.weight.add_(self.delta_weight(name).to(self.base_layer.weight.dtype))
-            self.merged_adapters.append(name)
+            if name in self.lora_A:  # a model's adapters need not all target this layer
+                delta = self.delta_weight(name).to(self.base_layer.weight.dtype)
+                self.base_layer.weight.add_(delta)
+                self.merged_adapters.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:

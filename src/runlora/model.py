@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,19 +73,28 @@ class ModulesToSave(_Passthrough):
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
         self.modules_to_save[adapter_name].requires_grad_(True)
 
-    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        """Run the copy of the (one) adapter among ``adapter_names`` that this wrapper holds."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        held = [n for n in names if n in self.modules_to_save]
+    def _held(self, adapter_names: list[str]) -> str | None:
+        """The one adapter among ``adapter_names`` with a copy here (None: the original runs)."""
+        held = [n for n in adapter_names if n in self.modules_to_save]
         if len(held) > 1:
             raise ValueError(
                 f"adapters {held} each train their own copy of a modules_to_save module; only "
                 "one of them can be active at a time"
             )
+        return held[0] if held else None
+
+    def _activate(self, adapter_names: list[str]) -> None:
+        """Which copy runs, trainability untouched."""
+        self.active_adapter = self._held(adapter_names)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Run the copy of the (one) adapter among ``adapter_names`` that this wrapper holds,
+        and train only it unless ``inference_mode``; the original if it holds none."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        held = self._held(names)
         for key, copy_ in self.modules_to_save.items():
-            copy_.requires_grad_(key in held and not inference_mode)
-        if held:
-            self.active_adapter = held[0]
+            copy_.requires_grad_(key == held and not inference_mode)
+        self.active_adapter = held
 
     def delete_adapter(self, adapter_name: str) -> None:
         del self.modules_to_save[adapter_name]
@@ -99,7 +109,13 @@ class ModulesToSave(_Passthrough):
     def forward(self, *args, **kwargs):
         if self.disable_adapters:
             return self.original_module(*args, **kwargs)
-        if self._routing is not None and args and isinstance(args[0], torch.Tensor):
+        if self._routing is not None:
+            if not (args and isinstance(args[0], torch.Tensor)):
+                raise ValueError(
+                    "adapter_names: a modules_to_save module must get its batch as its first "
+                    f"positional argument to be run per example; {type(self.original_module)}"
+                    " was called without one"
+                )
             x, rest = args[0], args[1:]
             groups = self._routing.groups(x.shape[0], x.device)
             return run_grouped(x, groups, lambda name, rows: self._run(name, (rows, *rest), kwargs))
@@ -122,27 +138,23 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
-def _set_trainable(
-    model: nn.Module, configs: dict[str, LoraConfig], names: list[str], inference_mode: bool
-) -> None:
-    """Activate ``names``: only their tensors train (and the biases their configs' ``bias``
-    names), unless ``inference_mode``; everything else is frozen."""
+def _set_trainable(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    """A new model: everything frozen but ``adapter_name``'s tensors (and the biases
+    ``config.bias`` names), unless ``config.inference_mode``."""
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, (RunLoRALinear, ModulesToSave)):
-            module.set_adapter(names, inference_mode=inference_mode)
-    if inference_mode:
+            module.set_adapter([adapter_name], inference_mode=config.inference_mode)
+    if config.inference_mode:
         return
-    for name in names:
-        bias = configs[name].bias
-        for module in model.modules():
-            if isinstance(module, RunLoRALinear) and name in module.lora_A:
-                if bias == "lora_only" and module.base_layer.bias is not None:
-                    module.base_layer.bias.requires_grad_(True)
-        if bias == "all":
-            for key, param in model.named_parameters():
-                if key.endswith("bias") and ".original_module." not in key:
-                    param.requires_grad_(True)
+    for module in model.modules():
+        if isinstance(module, RunLoRALinear) and adapter_name in module.lora_A:
+            if config.bias == "lora_only" and module.base_layer.bias is not None:
+                module.base_layer.bias.requires_grad_(True)
+    if config.bias == "all":
+        for key, param in model.named_parameters():
+            if key.endswith("bias") and ".original_module." not in key:
+                param.requires_grad_(True)
 
 
 def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
@@ -196,7 +208,7 @@ def get_runlora_model(
         )
     _check_adapter_name(adapter_name)
     _inject(model, config, adapter_name)
-    _set_trainable(model, {adapter_name: config}, [adapter_name], config.inference_mode)
+    _set_trainable(model, config, adapter_name)
     return RunLoRAModel(model, config, adapter_name)
 
 
@@ -292,17 +304,33 @@ class RunLoRAModel(_Passthrough):
             raise TypeError(
                 f"peft_config must be a runlora.LoraConfig, got {type(peft_config).__name__}"
             )
+        with_bias = [n for n, c in self.peft_config.items() if c.bias != "none"]
+        if with_bias or peft_config.bias != "none":
+            raise ValueError(
+                "several adapters share the base layers' biases, so only a model with one "
+                f"adapter can train them (bias={peft_config.bias!r} for {adapter_name!r}"
+                + (f", bias set for {with_bias}" if with_bias else "")
+                + "); use bias='none' for every adapter of a model with several (as PEFT asks)"
+            )
         _inject(self.get_base_model(), peft_config, adapter_name)
         self.peft_config[adapter_name] = peft_config
+        for module in self._wrappers():  # layers wrapped just now run the active adapters too
+            module._activate(self._active_adapters)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """Run ``adapter_name`` (a list: all of them, their terms summed) and train only it,
-        unless ``inference_mode``."""
+        """Run ``adapter_name`` (a list: all of them, their terms summed); its tensors train
+        unless ``inference_mode``, other adapters' tensors are frozen, and other parameters
+        keep their ``requires_grad``."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names:
             raise ValueError("set_adapter needs at least one adapter name")
         self._known(names, "set_adapter")
-        _set_trainable(self.get_base_model(), self.peft_config, names, inference_mode)
+        wrappers = self._wrappers()
+        for module in wrappers:  # check everything before changing anything
+            if isinstance(module, ModulesToSave):
+                module._held(names)
+        for module in wrappers:
+            module.set_adapter(names, inference_mode=inference_mode)
         self._active_adapters = names
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -340,7 +368,10 @@ class RunLoRAModel(_Passthrough):
 
     @contextlib.contextmanager
     def _routed(self, adapter_names, *, expand: bool = False) -> Iterator[None]:
-        """Within the block every adapted layer runs example i with ``adapter_names[i]``."""
+        """Within the block every adapted layer runs example i with ``adapter_names[i]``.
+
+        Calls nest (an inner call restores the outer routing when it ends); a model serves
+        routed calls from one thread at a time (the routing lives on its layers)."""
         if adapter_names is None:
             yield
             return
@@ -351,23 +382,48 @@ class RunLoRAModel(_Passthrough):
             )
         routing = Routing(adapter_names, expand=expand)
         self._known(sorted({n for n in routing.names if n != BASE}), "adapter_names")
+        self._check_thread()
         wrappers = self._wrappers()
         if any(isinstance(m, RunLoRALinear) and m.merged for m in wrappers):
             raise ValueError(
                 "adapter_names cannot be used while adapters are merged into the base weights; "
                 "unmerge them first"
             )
+        outer = [m.__dict__.get("_routing") for m in wrappers]
+        depth = self.__dict__.get("_routing_depth", 0)
+        self.__dict__.update(_routing_thread=threading.get_ident(), _routing_depth=depth + 1)
         for module in wrappers:  # plain attributes: skip nn.Module.__setattr__ (~5 µs each)
             module.__dict__["_routing"] = routing
         try:
             yield
         finally:
-            for module in wrappers:
-                module.__dict__.update(_routing=None, _stack_cache=None)
+            for module, previous in zip(wrappers, outer, strict=True):
+                module.__dict__["_routing"] = previous
+                if depth == 0:
+                    module.__dict__["_stack_cache"] = None
+            self.__dict__["_routing_depth"] = depth
+            if depth == 0:
+                self.__dict__["_routing_thread"] = None
+
+    def _check_thread(self) -> None:
+        owner = self.__dict__.get("_routing_thread")
+        if owner is not None and owner != threading.get_ident():
+            raise RuntimeError(
+                "this model is running a call with adapter_names in another thread, and the "
+                "per-example routing lives on its layers: serve from one thread, or give each "
+                "thread its own model"
+            )
 
     def generate(self, *args, adapter_names=None, **kwargs):
         """The wrapped model's ``generate``; ``adapter_names``: one adapter per prompt (each
         prompt's beams and returned sequences run with its adapter)."""
+        if adapter_names is not None:
+            prompts = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs_embeds"))
+            if isinstance(prompts, torch.Tensor) and len(adapter_names) != prompts.shape[0]:
+                raise ValueError(
+                    f"adapter_names has {len(adapter_names)} names for {prompts.shape[0]} "
+                    "prompts; give one adapter name per prompt"
+                )
         with self._routed(adapter_names, expand=True):
             return self.get_base_model().generate(*args, **kwargs)
 
@@ -497,6 +553,9 @@ def _has_sharded_adapter(model: nn.Module) -> bool:
 @functools.cache
 def _signature_class(cls: type, model_cls: type) -> type:
     def forward(self, *args, adapter_names=None, **kwargs):
+        if adapter_names is None:
+            self._check_thread()
+            return self.base_model(*args, **kwargs)
         with self._routed(adapter_names):
             return self.base_model(*args, **kwargs)
 

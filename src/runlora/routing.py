@@ -33,7 +33,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["BASE", "STACKED_MAX_TOKENS", "Routing", "run_grouped"]
+__all__ = [
+    "BASE",
+    "STACKED_MAX_TOKENS",
+    "Routing",
+    "layer_terms",
+    "mixed_batch_forward",
+    "run_grouped",
+]
 
 #: The name that runs an example on the base model, without any adapter (PEFT's).
 BASE = "__base__"
@@ -122,3 +129,77 @@ def run_grouped(
     order = torch.cat([rows for _, rows in groups])
     y = outs[0].new_empty((x.shape[0], *outs[0].shape[1:]))
     return y.index_copy_(0, order, torch.cat(outs))
+
+
+def mixed_batch_forward(layer, x: Tensor, routing: Routing, args, kwargs) -> Tensor:
+    """``RunLoRALinear.forward`` with one adapter per example of ``x`` (batch on dim 0)."""
+    if layer.training:
+        raise ValueError(
+            "adapter_names (one adapter per example) is for inference: call model.eval() "
+            "first, or train one adapter at a time with set_adapter"
+        )
+    if layer.merged:
+        raise ValueError(
+            "adapter_names cannot be used while adapters are merged into the base weight; "
+            "unmerge them first"
+        )
+    if x.dim() < 2:
+        raise ValueError(f"adapter_names needs a batch dimension: x has shape {tuple(x.shape)}")
+    terms = layer_terms(layer, x, routing)
+    if terms[0] == "op":  # one adapter for the whole batch: the planned op
+        return layer._run(x, [terms[1]])[0]
+    y = layer.base_layer(x, *args, **kwargs)
+    if terms[0] == "base":  # no example's adapter is in this layer
+        return y
+    if terms[0] == "stacked":
+        _, lora_a, lora_b, mask = terms
+        return y.add_(((x @ lora_a.t()) * mask) @ lora_b.t())
+    for rows, lora_a, lora_b, scaling in terms[1]:
+        term = (x.index_select(0, rows) @ lora_a.t()) @ lora_b.t()  # (k, ..., out)
+        y.index_add_(0, rows, term.to(y.dtype), alpha=scaling)
+    return y
+
+
+def layer_terms(layer, x: Tensor, routing: Routing) -> tuple:
+    """How ``layer`` adds the adapters' terms for ``x`` under ``routing``; kept on the layer
+    for the routing's lifetime (one forward, or every step of one ``generate``) without
+    autograd.
+
+    The base product is computed once for every row; then ``("op", name)`` (one adapter for the
+    batch: the planned op instead), ``("base",)`` (no term), ``("grouped", [(rows, A, B, s),
+    ...])`` or ``("stacked", A (R, in), B (out, R), mask)`` (see the module docstring).
+    """
+    few_tokens = x.numel() // x.shape[-1] <= STACKED_MAX_TOKENS  # decoding steps
+    key = (routing, x.shape[0], x.dim(), x.dtype, x.device, few_tokens)
+    cached = layer._stack_cache
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    groups = routing.groups(x.shape[0], x.device)
+    present = [n for n, _ in groups if n != BASE and n in layer.lora_A]
+    if len(groups) == 1 and present:
+        terms: tuple = ("op", present[0])
+    elif not present:
+        terms = ("base",)
+    elif len(present) > 1 and few_tokens:
+        lora_a = torch.cat([layer.lora_A[n].weight.to(x.dtype) for n in present])
+        lora_b = torch.cat(
+            [layer.scaling[n] * layer.lora_B[n].weight.to(x.dtype) for n in present], dim=1
+        )
+        blocks = [(n, layer.r[n]) for n in present]
+        mask = routing.mask(x.shape, blocks, x.dtype, x.device)  # (batch, 1.., R)
+        terms = ("stacked", lora_a, lora_b, mask)
+    else:
+        grouped = [
+            (
+                rows,
+                layer.lora_A[n].weight.to(x.dtype),
+                layer.lora_B[n].weight.to(x.dtype),
+                layer.scaling[n],
+            )
+            for n, rows in groups
+            if n in present
+        ]
+        terms = ("grouped", grouped)
+    if not torch.is_grad_enabled():
+        layer.__dict__["_stack_cache"] = (key, terms)  # a plain attribute, set in __init__
+    return terms
