@@ -56,7 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args):
     """(base model, PEFT model, runlora model, adapter names), adapters equal in both."""
-    base = build_model(load_config(args.model), seed=0).eval()
+    # Frozen like the adapted models' bases: torch's matmul folds a non-contiguous 3-D input
+    # (the LM head's last-position slice in generate) into one GEMM only when the weight
+    # requires grad, so a base with trainable weights would run a faster LM head than both.
+    base = build_model(load_config(args.model), seed=0).eval().requires_grad_(False)
     names = [f"task{k}" for k in range(args.adapters)]
     kwargs = dict(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=TARGETS)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs), names[0])
