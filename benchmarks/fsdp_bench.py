@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from runlora.bench import saved_tensor_bytes
+from runlora.distributed import shutdown
 
 ARMS = ("runlora", "peft")
 
@@ -158,8 +159,10 @@ def worker(rank: int, arm: str, args: argparse.Namespace, port: int, out: str) -
         dist.all_gather_object(rows, row)
         if rank == 0:
             Path(out).write_text(json.dumps(rows))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    shutdown()
 
 
 def _free_port() -> int:

@@ -9,6 +9,7 @@ timeout and the parent gives up (killing the ranks) after ``JOB_TIMEOUT_S``.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
 import os
 import socket
@@ -102,11 +103,12 @@ def _init(rank: int, port: int) -> None:
 
 
 def _worker(rank: int, scenario: str, port: int, out: str) -> None:
+    faulthandler.enable()  # a rank that aborts in C++ prints its Python stack
+    from runlora.distributed import shutdown
+
     _init(rank, port)
-    try:
-        SCENARIOS[scenario](rank, Path(out))
-    finally:
-        dist.destroy_process_group()
+    SCENARIOS[scenario](rank, Path(out))  # a failing rank raises: spawn reports it
+    shutdown()
 
 
 def _ddp_and_plans(rank: int, out: Path) -> None:
@@ -591,3 +593,11 @@ def test_save_adapter_unwraps_deepspeed_engines_and_their_subclasses():
     assert _unwrap(DeepSpeedEngine(model)) is model
     assert _unwrap(PipelineEngine(model)) is model
     assert _unwrap(model) is model
+
+
+def test_shutdown_without_a_process_group_does_nothing():
+    from runlora.distributed import shutdown
+
+    assert not dist.is_initialized()
+    shutdown()
+    assert not dist.is_initialized()
