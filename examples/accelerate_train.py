@@ -10,8 +10,9 @@ Synthetic next-token data on a shipped Llama config, so it runs anywhere::
 (accelerate 1.15 turns FSDP and DeepSpeed on only with GPUs or other accelerators.)
 
 What runlora adds to a plain accelerate loop: ``sync_plans`` after ``prepare`` (rank 0 plans,
-every rank runs the same plans), and ``save_adapter`` at the end (the adapter tensors are
-gathered from the shards; rank 0 writes one PEFT-format adapter).
+every rank runs the same plans), ``save_adapter`` at the end (the adapter tensors are
+gathered from the shards; rank 0 writes one PEFT-format adapter), and ``shutdown`` before
+``end_training`` (a barrier first: gloo can abort a rank whose group is destroyed under it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from runlora import LoraConfig, get_runlora_model
 from runlora.configs import build_model, load_config
-from runlora.distributed import save_adapter, sync_plans
+from runlora.distributed import save_adapter, shutdown, sync_plans
 
 
 def parse_args() -> argparse.Namespace:
@@ -89,6 +90,7 @@ def main() -> None:
         accelerator.wait_for_everyone()
         save_adapter(model, args.out)
         accelerator.print(f"wrote {args.out}")
+    shutdown()  # every rank done communicating before the process group goes
     accelerator.end_training()
 
 
