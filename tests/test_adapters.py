@@ -468,3 +468,15 @@ def test_set_adapter_leaves_other_parameters_as_the_user_set_them():
     norm.requires_grad_(True)
     ours.set_adapter("b")
     assert norm.requires_grad
+
+
+def test_modules_to_save_routed_without_a_positional_batch_is_refused():
+    from runlora.model import ModulesToSave
+    from runlora.routing import Routing
+
+    wrapper = ModulesToSave(torch.nn.Linear(4, 4)).eval()
+    wrapper._routing = Routing(["default", "__base__"])
+    x = torch.randn(2, 4)
+    assert wrapper(x).shape == (2, 4)
+    with pytest.raises(ValueError, match="first positional argument"):
+        wrapper(input=x)
