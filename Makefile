@@ -28,5 +28,15 @@ lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m ruff format --check src tests benchmarks examples
 
+# The GPU check (benchmarks/gpu_check.sh, then benchmarks/gpu_check.py): without an NVIDIA GPU it
+# says so in one line and exits 2 before any set-up; QUICK=1 (or gpu-check-quick): ~2 minutes.
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check gpu-check-quick
+gpu-check:
+	@PYTHON="$(PYTHON)" VENV="$(VENV)" bash benchmarks/gpu_check.sh $(if $(QUICK),--quick) $(GPU_CHECK_ARGS)
+
+gpu-check-quick:
+	@PYTHON="$(PYTHON)" VENV="$(VENV)" bash benchmarks/gpu_check.sh --quick $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -2,20 +2,30 @@
 
     Y = X Wᵀ + s·(X Aᵀ) Bᵀ          W frozen (out, in), A (r, in), B (out, r)
 
-computed in the cheapest of several equivalent orders, planned per layer shape.
+computed in the cheapest of several equivalent orders, planned per layer shape. Models stay
+PEFT's own ``PeftModel``; runlora is the engine of their LoRA layers::
+
+    import runlora
+    runlora.patch_peft()          # every LoRA layer PEFT (or TRL, ...) builds runs runlora's op
 """
 
 from . import roofline as _roofline  # noqa: F401  (registers the "roofline" criterion)
 from . import timing as _timing  # noqa: F401  (registers the "time" criterion)
 from .config import LoraConfig
 from .function import lora_linear
+from .integrations.peft import (
+    describe,
+    from_peft,
+    from_pretrained,
+    get_runlora_model,
+    patch_peft,
+    unpatch_peft,
+)
 from .layer import RunLoRALinear
-from .model import RunLoRAModel, get_runlora_model
-from .peft_compat import from_peft
 from .planner import CRITERIA, Plan, plan_layer
 from .variants import BACKWARD_VARIANTS, FORWARD_VARIANTS, LAYOUTS
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "lora_linear",
@@ -27,8 +37,26 @@ __all__ = [
     "LAYOUTS",
     "LoraConfig",
     "RunLoRALinear",
-    "RunLoRAModel",
     "get_runlora_model",
     "from_peft",
+    "from_pretrained",
+    "patch_peft",
+    "unpatch_peft",
+    "describe",
     "__version__",
 ]
+
+_REMOVED = {
+    "RunLoRAModel": (
+        "runlora.RunLoRAModel was removed in runlora 0.2: models are PEFT's own PeftModel now. "
+        "runlora.get_runlora_model(model, config) returns a peft.PeftModel; load an adapter with "
+        "runlora.from_pretrained(model, path) (or peft.PeftModel.from_pretrained under "
+        "runlora.patch_peft())"
+    ),
+}
+
+
+def __getattr__(name: str):
+    if name in _REMOVED:
+        raise AttributeError(_REMOVED[name])
+    raise AttributeError(f"module 'runlora' has no attribute {name!r}")

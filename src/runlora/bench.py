@@ -556,7 +556,7 @@ def build_arms(
     import peft
 
     from .config import LoraConfig
-    from .model import get_runlora_model
+    from .integrations.peft import get_runlora_model
 
     model.requires_grad_(False)
     exclude = _storage_ptrs((*model.parameters(), *model.buffers()))
@@ -595,7 +595,9 @@ def build_arms(
             target_modules=list(targets),
             criterion=criterion,
         )
-        wrapped = get_runlora_model(_weight_sharing_copy(model), config)
+        wrapped = get_runlora_model(
+            _weight_sharing_copy(model), config, autocast_adapter_dtype=False
+        )
         arms.append(arm(f"runlora/{criterion}", "runlora", wrapped))
     return arms
 

@@ -82,26 +82,20 @@ class PlanRequest:
 
 
 def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, layer)`` for each module that runs the op and plans by itself."""
-    from .layer import RunLoRALinear
+    """``(name, layer)`` for each layer that runs the op and plans by itself (a
+    ``RunLoRALinear``, or a PEFT layer runlora accelerates) and has an adapter to run."""
+    from .layer import LoRAEngine
 
     for name, module in model.named_modules():
-        if isinstance(module, RunLoRALinear):
-            if module.plan is None and module._live_adapters():
-                yield name, module
-        elif hasattr(module, "runlora_criterion") and hasattr(module, "lora_A"):
-            yield name, module  # a PEFT layer switched by runlora.from_peft
+        if isinstance(module, LoRAEngine) and module.plan is None and module._live_adapters():
+            yield name, module
 
 
 def _layer_request(layer: nn.Module, n_tokens: int, needs_input_grad: bool) -> PlanRequest:
-    from .layer import RunLoRALinear, _dropout_p, base_args_fn, full_shape
+    from .layer import _dropout_p, full_shape
 
-    if isinstance(layer, RunLoRALinear):
-        adapters, criterion = layer._op_adapters(layer._live_adapters()), layer.criterion
-    else:
-        adapters, criterion = layer.active_adapters[:1], layer.runlora_criterion
-    base = layer.get_base_layer()
-    _, bias, quant = base_args_fn(base)(base, layer.fan_in_fan_out)
+    adapters = layer._op_adapters(layer._live_adapters())
+    _, bias, quant = layer._base_weight_args()
     # (r, in) and (out, r); under FSDP2 DTensors of the full shape, under ZeRO-3 partitions.
     # Several adapters in one op call stack their ranks (and run without dropout).
     r = sum(full_shape(layer.lora_A[a].weight)[0] for a in adapters)
@@ -113,7 +107,7 @@ def _layer_request(layer: nn.Module, n_tokens: int, needs_input_grad: bool) -> P
         in_features,
         out_features,
         r,
-        criterion,
+        layer.criterion,
         needs_input_grad,
         bias is not None,
         dropout if len(adapters) == 1 else 0.0,
@@ -146,11 +140,8 @@ def plan_requests(
 
 
 def _first_lora_weight(model: nn.Module) -> Tensor | None:
-    from .layer import RunLoRALinear
-
     for _, layer in _lora_layers(model):
-        live = layer._live_adapters() if isinstance(layer, RunLoRALinear) else layer.active_adapters
-        return layer.lora_A[live[0]].weight
+        return layer.lora_A[layer._live_adapters()[0]].weight
     return None
 
 
@@ -323,40 +314,47 @@ def gather_adapter_state_dict(model: nn.Module, adapter_name: str = "default") -
     """Adapter ``adapter_name``'s tensors under PEFT's file keys, full and on CPU, on every
     rank.
 
-    Under FSDP2 each adapter tensor is all-gathered (``DTensor.full_tensor``), under ZeRO-3 each
-    partitioned one is gathered; the frozen base never is. A collective: call it on every rank
-    (the tensors come in key order, the same on every rank).
+    PEFT picks the tensors (``get_peft_model_state_dict``, from the model's own parameters, so
+    keys are as PEFT writes them also from ``checkpoint_wrapper``-ed blocks). Under FSDP2 each
+    is all-gathered (``DTensor.full_tensor``), under ZeRO-3 each partitioned one is gathered;
+    the frozen base never is. A collective: call it on every rank (tensors go in key order, the
+    same on every rank).
     """
-    from .io import adapter_tensors
+    from peft.utils import get_peft_model_state_dict
 
-    tensors = adapter_tensors(_unwrap(model), adapter_name)
-    return {k: _full_tensor(t) for k, t in tensors.items()}
+    inner = _unwrap(model)
+    picked = get_peft_model_state_dict(
+        inner, state_dict=inner.state_dict(keep_vars=True), adapter_name=adapter_name
+    )
+    return {k: _full_tensor(picked[k]) for k in sorted(picked)}
 
 
 def save_adapter(
     model: nn.Module, save_directory: str | os.PathLike, *, adapter_name: str = "default"
 ) -> Path | None:
     """Write one PEFT-format adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
-    from a distributed run: every rank calls it, the adapter tensors are gathered, rank 0 writes.
-    ``adapter_name``: which of the model's adapters (``model.save_pretrained`` writes them all).
+    from a distributed run: every rank calls it, the adapter tensors are gathered, rank 0 writes
+    (atomically: a crash leaves the previous adapter as it was).
 
-    Works for a ``RunLoRAModel`` as it is, inside DDP, or sharded by FSDP2; without a process
-    group it is ``model.save_pretrained``.
+    ``model``: a ``peft.PeftModel`` as it is, inside DDP or a DeepSpeed engine, or sharded by
+    FSDP2; without a process group it saves in this process. ``adapter_name``: which of the
+    model's adapters; it is written to ``save_directory`` itself.
 
     Returns:
         The directory on rank 0, None on the other ranks.
     """
-    from .io import save_adapter as write_adapter
+    from .integrations.peft import save_adapter_files
 
     inner = _unwrap(model)
-    if not hasattr(inner, "peft_config"):
+    if adapter_name not in getattr(inner, "peft_config", {}):
         raise TypeError(
-            f"save_adapter needs a model from runlora.get_runlora_model, got {type(inner).__name__}"
+            f"save_adapter needs a peft.PeftModel with an adapter {adapter_name!r} (from "
+            f"runlora.get_runlora_model or peft.get_peft_model), got {type(inner).__name__}"
         )
     rank, world = _world()
     tensors = gather_adapter_state_dict(inner, adapter_name)
     if rank == 0:
-        write_adapter(inner, save_directory, tensors, adapter_name=adapter_name)
+        save_adapter_files(inner, save_directory, tensors, adapter_name)
     if world > 1:
         dist.barrier()
     return Path(save_directory) if rank == 0 else None

@@ -40,6 +40,7 @@ __all__ = [
     "base_args_fn",
     "register_base_kind",
     "is_supported_base",
+    "LoRAEngine",
 ]
 
 #: A base-layer kind: ``matches(layer) -> bool`` and ``args(layer, fan_in_fan_out) -> (weight
@@ -182,7 +183,86 @@ def run_adapter(
     return y, plan
 
 
-class RunLoRALinear(nn.Module):
+class LoRAEngine:
+    """How a LoRA layer runs its adapters through the op: the part shared by ``RunLoRALinear``
+    and the PEFT LoRA layers that runlora accelerates (``runlora.integrations.peft``).
+
+    A host class provides PEFT's attributes ``lora_A``/``lora_B`` (ModuleDicts of ``nn.Linear``:
+    A ``(r, in)``, B ``(out, r)``), ``lora_dropout``, ``scaling``, ``r``, ``merged``,
+    ``active_adapters``, ``base_layer``, and ``_base_weight_args()`` (``(weight (out, in) or None,
+    bias, quant)``, see ``base_args_fn``). ``criterion`` names how plans are made; ``plan`` fixes
+    one plan for every call.
+    """
+
+    criterion: str = "flops"
+    plan: Plan | None = None
+    _last_plan: tuple[int, Plan] | None = None  # (tokens, plan) of the last call
+    _stack_cache: tuple | None = None  # see runlora.routing.layer_terms
+
+    def _live_adapters(self) -> list[str]:
+        return [n for n in self.active_adapters if n in self.lora_A]
+
+    def _call_op(self, x: Tensor, name: str | None, stacked=None) -> tuple[Tensor, Plan]:
+        """The op on adapter ``name``, or on ``stacked = (A (R, in), B (out, R))``, scaled."""
+        if stacked is None:
+            lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+            scaling, dropout = self.scaling[name], _dropout_p(self.lora_dropout[name])
+        else:
+            (lora_a, lora_b), scaling, dropout = stacked, 1.0, 0.0
+        y, plan = run_adapter(
+            x,
+            self._base_weight_args(),
+            lora_a,
+            lora_b,
+            scaling=scaling,
+            dropout=dropout,
+            training=self.training,
+            criterion=self.criterion,
+            plan=None if self.plan is None else as_plan(self.plan),
+        )
+        if not torch.compiler.is_compiling():
+            self.__dict__["_last_plan"] = (x.numel() // max(1, x.shape[-1]), plan)
+        return y, plan
+
+    def _op_adapters(self, names: list[str]) -> list[str]:
+        """Which of the adapters ``names`` run inside the one op call, their ranks stacked:
+        all of them, but for training with dropout, where each adapter draws its own mask (as
+        PEFT does) and only the first runs in the op."""
+        if len(names) > 1 and self.training:
+            if any(_dropout_p(self.lora_dropout[n]) for n in names):
+                return names[:1]
+        return names
+
+    def _run(self, x: Tensor, names: list[str]) -> tuple[Tensor, Plan]:
+        """The base layer plus the LoRA terms of ``names`` (all present in the layer):
+        ``(..., in)`` -> ``(..., out)``, and the plan the op ran."""
+        inside = self._op_adapters(names)
+        if len(inside) == 1:
+            y, plan = self._call_op(x, inside[0])
+        else:
+            # sum_k s_k (X A_kᵀ) B_kᵀ = X [A_1; A_2; ...]ᵀ [s_1 B_1, s_2 B_2, ...]ᵀ: one op call
+            # of rank sum(r_k), planned like any other shape
+            lora_a = torch.cat([self.lora_A[n].weight for n in inside])
+            lora_b = torch.cat([self.scaling[n] * self.lora_B[n].weight for n in inside], dim=1)
+            y, plan = self._call_op(x, None, stacked=(lora_a, lora_b))
+        for name in names[len(inside) :]:  # op by op, each with its own dropout mask
+            lx = self.lora_dropout[name](x).to(self.lora_A[name].weight.dtype)
+            term = self.lora_B[name](self.lora_A[name](lx)) * self.scaling[name]
+            y = y + term.to(y.dtype)
+        return y, plan
+
+    def plan_summary(self) -> str:
+        """The plan this layer runs, as ``print(model)`` and ``runlora.describe`` show it."""
+        if self.plan is not None:
+            p = as_plan(self.plan)
+            return f"{p.forward}/{p.backward} (fixed)"
+        if self._last_plan is not None:
+            n, p = self._last_plan
+            return f"{p.forward}/{p.backward} ({p.criterion}, N≤{token_bucket(n)})"
+        return f"by {self.criterion} at first call"
+
+
+class RunLoRALinear(LoRAEngine, nn.Module):
     """A linear layer with a LoRA adapter: ``y = base_layer(x) + s · B A dropout(x)``.
 
     Args:
@@ -244,13 +324,11 @@ class RunLoRALinear(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self._active_adapters: list[str] = [adapter_name]
-        self._routing: Routing | None = None  # set by RunLoRAModel for adapter_names=
-        self._stack_cache: tuple | None = None  # see runlora.routing.layer_terms
+        self._routing: Routing | None = None  # routes every call (adapter_names= for one)
         self.criterion = criterion
         self.plan: Plan | None = None
         self.disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._last_plan: tuple[int, Plan] | None = None
         for p in base_layer.parameters(recurse=False):
             p.requires_grad_(False)
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
@@ -363,9 +441,6 @@ class RunLoRALinear(nn.Module):
             rest = [n for n in self._active_adapters if n != adapter_name]
             self._active_adapters = rest or list(self.lora_A)[:1]
 
-    def _live_adapters(self) -> list[str]:
-        return [n for n in self._active_adapters if n in self.lora_A]
-
     def forward(self, x: Tensor, *args, adapter_names=None, **kwargs) -> Tensor:
         """``(..., in_features)`` -> ``(..., out_features)``.
 
@@ -388,54 +463,7 @@ class RunLoRALinear(nn.Module):
             if not names:
                 return self.base_layer(x, *args, **kwargs)
             y, plan = self._run(x, names)
-        if not torch.compiler.is_compiling():
-            self._last_plan = (x.numel() // max(1, x.shape[-1]), plan)  # (tokens, plan)
         return y
-
-    def _call_op(self, x: Tensor, name: str | None, stacked=None) -> tuple[Tensor, Plan]:
-        """The op on adapter ``name``, or on ``stacked = (A (R, in), B (out, R))``, scaled."""
-        if stacked is None:
-            lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-            scaling, dropout = self.scaling[name], _dropout_p(self.lora_dropout[name])
-        else:
-            (lora_a, lora_b), scaling, dropout = stacked, 1.0, 0.0
-        return run_adapter(
-            x,
-            self._base_weight_args(),
-            lora_a,
-            lora_b,
-            scaling=scaling,
-            dropout=dropout,
-            training=self.training,
-            criterion=self.criterion,
-            plan=None if self.plan is None else as_plan(self.plan),
-        )
-
-    def _op_adapters(self, names: list[str]) -> list[str]:
-        """Which of the adapters ``names`` run inside the one op call, their ranks stacked:
-        all of them, but for training with dropout, where each adapter draws its own mask (as
-        PEFT does) and only the first runs in the op."""
-        if len(names) > 1 and self.training:
-            if any(_dropout_p(self.lora_dropout[n]) for n in names):
-                return names[:1]
-        return names
-
-    def _run(self, x: Tensor, names: list[str]) -> tuple[Tensor, Plan]:
-        """The base layer plus the LoRA terms of ``names`` (all present in the layer)."""
-        inside = self._op_adapters(names)
-        if len(inside) == 1:
-            y, plan = self._call_op(x, inside[0])
-        else:
-            # sum_k s_k (X A_kᵀ) B_kᵀ = X [A_1; A_2; ...]ᵀ [s_1 B_1, s_2 B_2, ...]ᵀ: one op call
-            # of rank sum(r_k), planned like any other shape
-            lora_a = torch.cat([self.lora_A[n].weight for n in inside])
-            lora_b = torch.cat([self.scaling[n] * self.lora_B[n].weight for n in inside], dim=1)
-            y, plan = self._call_op(x, None, stacked=(lora_a, lora_b))
-        for name in names[len(inside) :]:  # op by op, each with its own dropout mask
-            lx = self.lora_dropout[name](x).to(self.lora_A[name].weight.dtype)
-            term = self.lora_B[name](self.lora_A[name](lx)) * self.scaling[name]
-            y = y + term.to(y.dtype)
-        return y, plan
 
     def delta_weight(self, adapter_name: str | None = None) -> Tensor:
         """s · B A, shaped like the stored base weight (``(out, in)``, ``(in, out)`` for Conv1D)."""
@@ -469,14 +497,7 @@ class RunLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         names = self._live_adapters()
         r = self.r[names[0]] if len(names) == 1 else {n: self.r[n] for n in names}
-        if self.plan is not None:
-            plan = f"{as_plan(self.plan).forward}/{as_plan(self.plan).backward} (fixed)"
-        elif self._last_plan is not None:
-            n, p = self._last_plan
-            n = token_bucket(n)
-            plan = f"{p.forward}/{p.backward} ({p.criterion}, N≤{n})"
-        else:
-            plan = f"by {self.criterion} at first call"
+        plan = self.plan_summary()
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={r}, "
             f"plan={plan}{', merged' if self.merged else ''}"

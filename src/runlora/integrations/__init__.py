@@ -1,0 +1,1 @@
+"""runlora inside other libraries: PEFT (``integrations.peft``, the chassis of every model)."""

@@ -1,0 +1,517 @@
+"""runlora as the engine of PEFT's LoRA layers: the model stays PEFT's own ``PeftModel``.
+
+TRL, HF Trainer, accelerate and transformers branch on ``isinstance(model, peft.PeftModel)``
+(adapter-only checkpoints, the reference model of DPO/GRPO as the model with adapters
+disabled, ``enable_input_require_grads`` under gradient checkpointing). So runlora does not
+wrap the model: it changes the class of each of PEFT's LoRA ``Linear`` layers (plain, and the
+bitsandbytes 4/8-bit ones) to a subclass whose forward runs ``runlora.lora_linear``. Identity,
+parameters (the same tensors), state-dict keys, adapter files and every other method of the
+layer stay PEFT's; ``isinstance(layer, peft.tuners.lora.Linear)`` still holds.
+
+Three ways in:
+
+- ``get_runlora_model(model, config)``: ``peft.get_peft_model`` then ``from_peft``;
+- ``from_peft(peft_model)``: an existing PEFT model, in place;
+- ``patch_peft()``: every LoRA layer PEFT creates from then on (``get_peft_model``,
+  ``PeftModel.from_pretrained``, ``SFTTrainer(peft_config=...)``, ``DPOTrainer``, ...), until
+  ``unpatch_peft()`` or the end of its ``with`` block.
+
+What the op does not run keeps PEFT's forward, per adapter: DoRA, ``lora_bias``, other LoRA
+variants, Embedding/Conv LoRA layers and base layers runlora has no kind for.
+``describe(model)`` reports, for every LoRA layer, which engine runs it and why.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from ..config import LoraConfig as _RunLoRAConfig
+from ..layer import LoRAEngine, RunLoRALinear, base_args_fn, is_supported_base
+from ..planner import CRITERIA
+from ..routing import BASE, Routing, mixed_batch_forward
+
+__all__ = [
+    "get_runlora_model",
+    "from_peft",
+    "from_pretrained",
+    "patch_peft",
+    "unpatch_peft",
+    "describe",
+    "LayerReport",
+    "is_accelerated",
+    "save_adapter_files",
+]
+
+_HF_EXTRA = "pip install 'runlora[hf]'"
+
+
+def _peft():
+    """``peft``, or an ImportError that says how to install it."""
+    try:
+        import peft
+    except ImportError as err:
+        raise ImportError(
+            f"runlora's model-level API runs inside PEFT, which is not installed: {_HF_EXTRA} "
+            "(the op runlora.lora_linear and runlora.RunLoRALinear work without it)"
+        ) from err
+    return peft
+
+
+def _check_criterion(criterion: str) -> None:
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; known: {', '.join(CRITERIA)}")
+
+
+# --- the accelerated layer classes ---------------------------------------------------------
+
+
+def _peft_linear_classes() -> tuple[type, ...]:
+    """PEFT's LoRA Linear classes runlora accelerates: the plain one (``nn.Linear`` and
+    ``Conv1D`` bases) and, when bitsandbytes is importable, the 4/8-bit ones."""
+    from peft.tuners.lora import Linear
+
+    classes = [Linear]
+    if sys.modules.get("bitsandbytes") is not None:
+        from peft.tuners.lora import bnb as peft_bnb
+
+        classes += [getattr(peft_bnb, n) for n in ("Linear8bitLt", "Linear4bit") if hasattr(peft_bnb, n)]
+    return tuple(classes)
+
+
+def _adapter_reason(layer: nn.Module, name: str) -> str | None:
+    """Why adapter ``name`` of a PEFT layer runs PEFT's forward, or None if the op runs it."""
+    if getattr(layer, "use_dora", {}).get(name):
+        return "DoRA (use_dora=True) runs PEFT's forward"
+    if getattr(layer, "lora_bias", {}).get(name):
+        return "lora_bias=True runs PEFT's forward"
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if variant is not None:
+        return f"LoRA variant {type(variant).__name__} runs PEFT's forward"
+    return None
+
+
+class PeftEngine(LoRAEngine):
+    """The forward runlora gives a PEFT LoRA ``Linear`` (mixed in before PEFT's class).
+
+    ``(..., in_features)`` -> ``(..., out_features)``, with PEFT's semantics: disabled adapters,
+    merged adapters, several active adapters (their terms add up), ``adapter_names=`` (one
+    adapter per example, in eval mode). Adapters PEFT keeps in another dtype than the
+    activations (fp32 adapters on a bf16 base) run in the activations' dtype; gradients reach
+    them in their own.
+    """
+
+    _runlora_fallback: str | None = None  # why the last call ran PEFT's forward
+
+    def _base_weight_args(self):
+        base = self.get_base_layer()
+        fn = self.__dict__.get("_runlora_args_fn")
+        if fn is None:
+            fn = self.__dict__["_runlora_args_fn"] = base_args_fn(base)
+        return fn(base, self.fan_in_fan_out)
+
+    def _fallback_reason(self, names, args, kwargs) -> str | None:
+        if args or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
+            return "the call passed extra arguments to the base layer"
+        for name in names:
+            reason = _adapter_reason(self, name)
+            if reason is not None:
+                return f"adapter {name!r}: {reason}"
+        return None
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        adapter_names = kwargs.get("adapter_names")
+        if self.disable_adapters or (self.merged and adapter_names is None):
+            names: list[str] = []
+        elif adapter_names is None:
+            names = self._live_adapters()
+        else:
+            names = [n for n in dict.fromkeys(adapter_names) if n != BASE and n in self.lora_A]
+        reason = self._fallback_reason(names, args, kwargs) if names or args or kwargs else None
+        if reason is not None:
+            self.__dict__["_runlora_fallback"] = reason
+            return super().forward(x, *args, **kwargs)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        if adapter_names is not None:
+            self._check_forward_args(x, adapter_names=adapter_names)
+            return self._mixed_batch_forward(x, adapter_names=adapter_names)
+        if not names:  # merged, or no active adapter in this layer
+            return self.base_layer(x)
+        return self._run(x, names)[0]
+
+    def _mixed_batch_forward(self, x: Tensor, *args, adapter_names, **kwargs) -> Tensor:
+        """PEFT's mixed-batch path, run by ``runlora.routing``: the base product once for
+        the batch, each adapter's low-rank term added to its rows (grouped or stacked)."""
+        used = {n for n in adapter_names if n != BASE and n in self.lora_A}
+        if args or kwargs or any(_adapter_reason(self, n) for n in used):
+            return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        return mixed_batch_forward(self, x, _routing(adapter_names), (), {})
+
+    def __repr__(self) -> str:
+        return "runlora." + super().__repr__()
+
+
+_ROUTING = threading.local()
+
+
+def _routing(adapter_names) -> Routing:
+    """One ``Routing`` for all the layers of one call: PEFT hands every layer the same list,
+    so its groups and masks are built once per call (and once per ``generate``)."""
+    cached = getattr(_ROUTING, "last", None)
+    if cached is not None and cached[0] is adapter_names and cached[1].names == tuple(adapter_names):
+        return cached[1]
+    routing = Routing(adapter_names)
+    _ROUTING.last = (adapter_names, routing)
+    return routing
+
+
+@functools.cache
+def _accelerated_class(peft_cls: type) -> type:
+    """``PeftEngine`` mixed into ``peft_cls``, named and registered so that pickle finds it."""
+    name = "RunLoRA" + (
+        "PeftLinear" if peft_cls.__module__ == "peft.tuners.lora.layer" else "Peft" + peft_cls.__name__
+    )
+    cls = type(name, (PeftEngine, peft_cls), {"__module__": __name__, "__qualname__": name})
+    globals()[name] = cls
+    return cls
+
+
+def is_accelerated(module: nn.Module) -> bool:
+    """True for a layer whose forward runs runlora's op (a ``RunLoRALinear`` or a PEFT layer
+    switched by runlora)."""
+    return isinstance(module, LoRAEngine)
+
+
+def _accelerate(module: nn.Module, criterion: str) -> bool:
+    """Switch one PEFT LoRA layer to runlora's forward (in place); False if it cannot be."""
+    if isinstance(module, PeftEngine):
+        module.criterion = criterion
+        return True
+    if type(module) not in _peft_linear_classes() or not is_supported_base(module.get_base_layer()):
+        return False
+    module.__class__ = _accelerated_class(type(module))
+    module.criterion = criterion
+    return True
+
+
+def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, (LoraLayer, RunLoRALinear)):
+            yield name, module
+
+
+def _warn_if_none_accelerated(model: nn.Module) -> None:
+    layers = [m for _, m in _lora_layers(model)]
+    if layers and not any(is_accelerated(m) for m in layers):
+        kinds = sorted({type(m).__name__ for m in layers})
+        warnings.warn(
+            f"runlora: none of this model's {len(layers)} LoRA layers ({', '.join(kinds)}) can "
+            "run runlora's op, so all of them run PEFT's forward; runlora.describe(model) says why",
+            stacklevel=3,
+        )
+
+
+def from_peft(peft_model: nn.Module, *, criterion: str = "flops") -> nn.Module:
+    """Run every LoRA ``Linear`` of a PEFT model on runlora's op, in place.
+
+    Args:
+        peft_model: a ``peft.PeftModel`` (or any module holding PEFT LoRA layers).
+        criterion: how runlora plans each layer (``"flops"``, ``"time"``, ``"roofline"``).
+
+    Returns:
+        ``peft_model`` itself, with the same parameter tensors (an optimizer built before keeps
+        working). Layers the op cannot run keep PEFT's forward (``describe`` says which); a
+        model none of whose layers it can run gives a warning.
+    """
+    _peft()
+    _check_criterion(criterion)
+    for _, module in _lora_layers(peft_model):
+        _accelerate(module, criterion)
+    _warn_if_none_accelerated(peft_model)
+    return peft_model
+
+
+def _to_peft_config(config):
+    peft = _peft()
+    if isinstance(config, _RunLoRAConfig):
+        data = config.to_peft_dict()
+        data.pop("peft_type", None)
+        return peft.LoraConfig(**data), config.criterion
+    if isinstance(config, peft.LoraConfig):
+        return config, None
+    raise TypeError(
+        f"config must be a runlora.LoraConfig or a peft.LoraConfig, got {type(config).__name__}"
+    )
+
+
+def get_runlora_model(
+    model: nn.Module,
+    config,
+    adapter_name: str = "default",
+    *,
+    criterion: str | None = None,
+    **peft_kwargs,
+):
+    """PEFT's ``get_peft_model`` with runlora's op in its LoRA layers.
+
+    Args:
+        model: a transformers (or any PyTorch) model, changed in place as PEFT changes it (no
+            weight is copied).
+        config: a ``runlora.LoraConfig`` (PEFT's fields, plus ``criterion``) or a
+            ``peft.LoraConfig``.
+        adapter_name: the adapter's name (PEFT's ``"default"``).
+        criterion: how layers are planned; default: ``config.criterion``, or ``"flops"``.
+        peft_kwargs: passed to ``peft.get_peft_model`` (``autocast_adapter_dtype``, ...).
+
+    Returns:
+        A real ``peft.PeftModel``: its ``save_pretrained`` writes PEFT's files (runlora's own
+        options are not in them), and TRL, HF Trainer and accelerate treat it as PEFT's.
+
+    Raises:
+        ImportError: without PEFT (``pip install 'runlora[hf]'``).
+        ValueError: targets that match nothing (PEFT's message), an unknown criterion, or a
+            model that is a PeftModel already (use ``from_peft``).
+    """
+    peft = _peft()
+    peft_config, config_criterion = _to_peft_config(config)
+    criterion = criterion or config_criterion or "flops"
+    _check_criterion(criterion)
+    if isinstance(model, peft.PeftModel) or any(
+        isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in model.modules()
+    ):
+        raise ValueError(
+            "this model already has PEFT adapters: use runlora.from_peft(model) to run them on "
+            "runlora's op, or model.add_adapter(name, config) for another adapter"
+        )
+    peft_model = peft.get_peft_model(model, peft_config, adapter_name=adapter_name, **peft_kwargs)
+    return from_peft(peft_model, criterion=criterion)
+
+
+def from_pretrained(
+    model: nn.Module, model_id, adapter_name: str = "default", *, criterion: str = "flops", **kwargs
+):
+    """``peft.PeftModel.from_pretrained`` (an adapter saved by PEFT or runlora) with runlora's op
+    in its LoRA layers. ``kwargs``: PEFT's (``is_trainable``, ``config``, ...)."""
+    peft = _peft()
+    _check_criterion(criterion)
+    return from_peft(
+        peft.PeftModel.from_pretrained(model, model_id, adapter_name=adapter_name, **kwargs),
+        criterion=criterion,
+    )
+
+
+# --- patch_peft ----------------------------------------------------------------------------
+
+
+class _Patch:
+    """What ``patch_peft`` changed on PEFT's ``LoraModel``, to undo it."""
+
+    def __init__(self, criterion: str) -> None:
+        self.criterion = criterion
+        self.saved: dict[str, object] = {}
+
+    def __enter__(self) -> _Patch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        unpatch_peft()
+
+    def __repr__(self) -> str:
+        return f"runlora.patch_peft(criterion={self.criterion!r})"
+
+
+_ACTIVE: _Patch | None = None
+_MISSING = object()
+
+
+def patch_peft(criterion: str = "flops") -> _Patch:
+    """From now on, every LoRA ``Linear`` that PEFT creates runs runlora's op.
+
+    That covers ``peft.get_peft_model``, ``PeftModel.from_pretrained``, ``add_adapter`` /
+    ``load_adapter``, and the trainers that build the PeftModel themselves:
+    ``trl.SFTTrainer(peft_config=...)``, ``DPOTrainer``, ``GRPOTrainer``. One line at the top of
+    a training script::
+
+        runlora.patch_peft()
+
+    or for a block only: ``with runlora.patch_peft(): ...``. Calling it again changes the
+    criterion. Models built before the call are not changed (``from_peft`` does that).
+
+    Args:
+        criterion: how runlora plans each layer (``"flops"``, ``"time"``, ``"roofline"``).
+
+    Returns:
+        A handle; as a context manager it calls ``unpatch_peft()`` on exit.
+    """
+    global _ACTIVE
+    _peft()
+    _check_criterion(criterion)
+    if _ACTIVE is not None:
+        _ACTIVE.criterion = criterion
+        return _ACTIVE
+    from peft.tuners.lora import LoraModel
+
+    patch = _Patch(criterion)
+    for attr in ("_create_new_module", "inject_adapter"):
+        patch.saved[attr] = LoraModel.__dict__.get(attr, _MISSING)
+    create = LoraModel._create_new_module  # the plain function behind the staticmethod
+    inject = LoraModel.inject_adapter
+
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        module = create(lora_config, adapter_name, target, **kwargs)
+        if _ACTIVE is not None:
+            _accelerate(module, _ACTIVE.criterion)
+        return module
+
+    @functools.wraps(inject)
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        out = inject(self, model, adapter_name, *args, **kwargs)
+        if _ACTIVE is not None and not model.__dict__.get("_runlora_warned"):
+            model.__dict__["_runlora_warned"] = True
+            _warn_if_none_accelerated(model)
+        return out
+
+    LoraModel._create_new_module = staticmethod(_create_new_module)
+    LoraModel.inject_adapter = inject_adapter
+    _ACTIVE = patch
+    return patch
+
+
+def unpatch_peft() -> None:
+    """Undo ``patch_peft``: PEFT creates its own LoRA layers again. Layers created while patched
+    keep runlora's forward (their model's state is theirs). A no-op when not patched."""
+    global _ACTIVE
+    if _ACTIVE is None:
+        return
+    from peft.tuners.lora import LoraModel
+
+    for attr, value in _ACTIVE.saved.items():
+        if value is _MISSING:
+            if attr in LoraModel.__dict__:
+                delattr(LoraModel, attr)
+        else:
+            setattr(LoraModel, attr, value)
+    _ACTIVE = None
+
+
+# --- describe ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One LoRA layer as ``describe`` sees it.
+
+    ``engine`` is ``"runlora"`` (the op runs it; ``detail`` is its plan) or ``"peft"`` (PEFT's
+    forward; ``detail`` says why)."""
+
+    name: str
+    kind: str
+    in_features: int | None
+    out_features: int | None
+    ranks: str
+    engine: str
+    detail: str
+
+
+class Description(list):
+    """``describe``'s rows (``LayerReport``); ``str()`` is the table it prints."""
+
+    def __str__(self) -> str:
+        head = ("layer", "kind", "in", "out", "r", "engine", "plan / why")
+        rows = [head] + [
+            (
+                r.name,
+                r.kind,
+                "" if r.in_features is None else str(r.in_features),
+                "" if r.out_features is None else str(r.out_features),
+                r.ranks,
+                r.engine,
+                r.detail,
+            )
+            for r in self
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        fast = sum(r.engine == "runlora" for r in self)
+        lines.append(f"{fast} of {len(self)} LoRA layers run runlora's op")
+        return "\n".join(lines)
+
+
+def _report(name: str, layer: nn.Module) -> LayerReport:
+    lora_a = getattr(layer, "lora_A", {})
+    ranks = ",".join(f"{layer.r[n]}" for n in lora_a if n in getattr(layer, "r", {})) or "-"
+    kind = type(layer).__name__
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else None
+    kind = f"{kind}({type(base).__name__})" if base is not None else kind
+    in_f, out_f = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
+    if not is_accelerated(layer):
+        if hasattr(layer, "lora_embedding_A") and len(layer.lora_embedding_A):
+            why = "Embedding LoRA runs PEFT's forward"
+        elif base is not None and not is_supported_base(base):
+            why = f"no runlora kind for a {type(base).__name__} base: PEFT's forward"
+        else:
+            why = f"{type(layer).__name__} is not a layer runlora accelerates: PEFT's forward"
+        return LayerReport(name, kind, in_f, out_f, ranks, "peft", why)
+    reasons = [r for n in layer.active_adapters if (r := _adapter_reason(layer, n))]
+    if reasons:
+        return LayerReport(name, kind, in_f, out_f, ranks, "peft", "; ".join(reasons))
+    detail = layer.plan_summary()
+    fallback = layer.__dict__.get("_runlora_fallback")
+    if fallback:
+        detail += f" (a call ran PEFT's forward: {fallback})"
+    return LayerReport(name, kind, in_f, out_f, ranks, "runlora", detail)
+
+
+def describe(model: nn.Module, *, file=sys.stdout) -> Description:
+    """For each LoRA layer of ``model``: does runlora's op run it (and with which plan), or
+    PEFT's forward (and why). Prints the table to ``file`` (None: don't print).
+
+    Plans appear once a layer has run a forward; before that the row says how it will plan.
+    """
+    rows = Description(_report(name, layer) for name, layer in _lora_layers(model))
+    if file is not None:
+        print(rows, file=file)
+    return rows
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def save_adapter_files(
+    peft_model: nn.Module, directory: str | os.PathLike, tensors: dict[str, Tensor], adapter_name: str
+) -> Path:
+    """Write ``adapter_config.json`` (PEFT's, for ``adapter_name``) and
+    ``adapter_model.safetensors`` (``tensors``, PEFT's keys) into ``directory``, atomically: both
+    are written in a temporary directory beside it and moved into place with ``os.replace``, so
+    a crash leaves the previous adapter as it was."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = peft_model.peft_config[adapter_name]
+    tmp = Path(tempfile.mkdtemp(prefix=".runlora-save-", dir=directory))
+    try:
+        config.save_pretrained(tmp)
+        weights = {k: t.detach().contiguous() for k, t in tensors.items()}
+        save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
