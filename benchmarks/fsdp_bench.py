@@ -84,6 +84,13 @@ def build(arm: str, args: argparse.Namespace) -> torch.nn.Module:
         import peft
 
         model = peft.get_peft_model(base, peft.LoraConfig(**kwargs))
+    from peft.tuners.lora import LoraLayer
+
+    from runlora.integrations.peft import is_accelerated
+
+    # Both arms are PEFT's PeftModel; runlora's has every LoRA layer on runlora's op.
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(is_accelerated(m) == (arm == "runlora") for m in layers), arm
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.get_base_model().enable_input_require_grads()

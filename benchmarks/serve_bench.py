@@ -9,7 +9,9 @@ round-robin:
 
 - base: the model without adapters (the floor);
 - peft: ``peft_model(input_ids, adapter_names=names)`` (PEFT's mixed-batch forward);
-- runlora: ``runlora_model(input_ids, adapter_names=names)``;
+- runlora: ``runlora_model(input_ids, adapter_names=names)``: the same ``PeftModel`` API, its LoRA
+  layers switched to runlora's op (``get_runlora_model``), whose mixed batch runs the base
+  product once and each adapter's term on its rows;
 - peft one / runlora one: every example with the same adapter (``set_adapter``), for scale.
 
 PEFT and runlora hold the same adapter tensors; the script checks that their logits (and
@@ -35,6 +37,7 @@ import torch
 from runlora import LoraConfig, get_runlora_model
 from runlora.bench import environment, interleave
 from runlora.configs import build_model, load_config
+from runlora.integrations.peft import is_accelerated
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -64,9 +67,12 @@ def build(args):
     kwargs = dict(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=TARGETS)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs), names[0])
     ours = get_runlora_model(copy.deepcopy(base), LoraConfig(**kwargs), names[0])
-    for name in names[1:]:
+    for name in names[1:]:  # PeftModel.add_adapter for both (runlora's layers keep their op)
         theirs.add_adapter(name, peft.LoraConfig(**kwargs))
-        ours.add_adapter(name, LoraConfig(**kwargs))
+        ours.add_adapter(name, peft.LoraConfig(**kwargs))
+    layers = [m for m in ours.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert layers and all(is_accelerated(m) for m in layers), "a LoRA layer runs PEFT's forward"
+    assert all(set(m.lora_A) == set(names) for m in layers)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         state = theirs.state_dict()

@@ -9,10 +9,12 @@ Synthetic next-token data on a shipped Llama config, so it runs anywhere::
 
 (accelerate 1.15 turns FSDP and DeepSpeed on only with GPUs or other accelerators.)
 
-What runlora adds to a plain accelerate loop: ``sync_plans`` after ``prepare`` (rank 0 plans,
-every rank runs the same plans), ``save_adapter`` at the end (the adapter tensors are
-gathered from the shards; rank 0 writes one PEFT-format adapter), and ``shutdown`` before
-``end_training`` (a barrier first: gloo can abort a rank whose group is destroyed under it).
+The model is PEFT's own ``PeftModel`` (``get_runlora_model`` runs its LoRA layers on runlora's
+op). What runlora adds to a plain accelerate loop: ``sync_plans`` after ``prepare`` (rank 0
+plans, every rank runs the same plans), ``save_adapter`` at the end (the adapter tensors are
+gathered from the shards, which PEFT's ``save_pretrained`` does not do under FSDP2; rank 0
+writes one PEFT-format adapter), and ``shutdown`` before ``end_training`` (a barrier first:
+gloo can abort a rank whose group is destroyed under it).
 """
 
 from __future__ import annotations

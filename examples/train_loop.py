@@ -2,6 +2,9 @@
 
     python examples/train_loop.py
 
+``runlora.get_runlora_model`` is ``peft.get_peft_model`` with runlora's op in the LoRA layers:
+the model is PEFT's own ``PeftModel``, and the adapter is saved in PEFT's format.
+
 A tiny Llama (shipped config ``llama_tiny``, random weights) learns to model the docstrings of
 the Python standard library, byte by byte; under a minute on a laptop CPU.
 """
@@ -61,6 +64,7 @@ def main() -> None:
         if step % 10 == 0:
             print(f"step {step:3d}  loss {loss.item():.4f}")
     print(f"eval loss after:  {eval_loss(model, evaluation[:32]):.4f}")
+    runlora.describe(model)  # every LoRA layer, the engine that runs it and its plan
     model.save_pretrained("loop_out/adapter")
 
 

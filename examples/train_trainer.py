@@ -3,6 +3,10 @@
     python examples/train_trainer.py                      # checkpointing on
     python examples/train_trainer.py --no-checkpointing
 
+``runlora.get_runlora_model`` returns PEFT's own ``PeftModel`` (its LoRA layers run runlora's
+op), so ``Trainer`` treats it as PEFT's: checkpoints hold only the adapter, and
+``trainer.train(resume_from_checkpoint=...)`` loads it back.
+
 A tiny Llama (shipped config ``llama_tiny``, random weights) learns to model the docstrings of
 the Python standard library, byte by byte; under a minute on a laptop CPU.
 """
@@ -58,7 +62,6 @@ def main() -> None:
         logging_steps=10,
         gradient_checkpointing=not args.no_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        label_names=["labels"],  # Trainer reads them off the model class; say them for runlora
         save_strategy="no",
         report_to="none",
         use_cpu=True,

@@ -1,5 +1,7 @@
-"""Several adapters on one model, against PEFT: add/set/delete, several active at once,
-per-example adapters in a batch (forward and generate), saving and loading each adapter."""
+"""Several adapters on one model, against stock PEFT: add/set/delete (PEFT's own API on the
+PeftModel), several active at once (one stacked op call), per-example adapters in a batch
+(``adapter_names=``, forward and generate, run by ``runlora.routing``), saving and loading each
+adapter."""
 
 from __future__ import annotations
 
@@ -9,11 +11,16 @@ import pytest
 import torch
 from tiny_models import llama, text_batch
 
+import runlora
+import runlora.layer
 import runlora.routing
-from runlora import LoraConfig, RunLoRALinear, RunLoRAModel, get_runlora_model
+from runlora import LoraConfig, RunLoRALinear, get_runlora_model
 from runlora.distributed import plan_requests
+from runlora.integrations.peft import is_accelerated
 
 peft = pytest.importorskip("peft")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 #: adapter "default" and adapter "b": different ranks, alphas and targets (overlapping on q_proj)
 DEFAULT = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -35,10 +42,33 @@ def two_adapter_pair(default=DEFAULT, other=OTHER):
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**default))
     theirs.add_adapter("b", peft.LoraConfig(**other))
     ours = get_runlora_model(copy.deepcopy(base), LoraConfig(**default))
-    ours.add_adapter("b", LoraConfig(**other))
+    ours.add_adapter("b", peft.LoraConfig(**other))  # down_proj: a new layer, on the op too
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     ours.load_state_dict(theirs.state_dict())
+    assert all_accelerated(ours)
     return theirs, ours
+
+
+def lora_layers(model) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+def all_accelerated(model) -> bool:
+    layers = lora_layers(model)
+    return bool(layers) and all(is_accelerated(m) for m in layers.values())
+
+
+def record_ranks(monkeypatch) -> list:
+    """The rank of every call of runlora's op."""
+    ranks = []
+    real = runlora.layer.run_adapter
+
+    def recording(x, base_args, lora_a, *args, **kwargs):
+        ranks.append(lora_a.shape[0])
+        return real(x, base_args, lora_a, *args, **kwargs)
+
+    monkeypatch.setattr(runlora.layer, "run_adapter", recording)
+    return ranks
 
 
 def trainable(model) -> set[str]:
@@ -72,11 +102,13 @@ def test_add_set_delete_follow_peft():
     assert trainable(ours) == trainable(theirs)
 
 
-def test_several_active_adapters_sum_like_peft():
-    """Forward and gradients with both adapters active, without and with dropout."""
+def test_several_active_adapters_sum_like_peft(monkeypatch):
+    """Forward and gradients with both adapters active: one op call of the summed rank where
+    both meet (q_proj)."""
     theirs, ours = two_adapter_pair()
     theirs.base_model.set_adapter(["default", "b"])
-    ours.set_adapter(["default", "b"])
+    ours.base_model.set_adapter(["default", "b"])
+    ranks = record_ranks(monkeypatch)
     assert trainable(ours) == trainable(theirs)
     batch = text_batch()
     for model in (theirs, ours):
@@ -86,6 +118,7 @@ def test_several_active_adapters_sum_like_peft():
     for n, p in theirs.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6)
+    assert sorted(ranks) == [2, 2, 4, 4, 6, 6]  # down_proj "b", v_proj "default", q_proj both
     # The stacked op call is planned for the summed rank where both adapters meet (q_proj).
     shapes = {(q.in_features, q.out_features, q.r) for q in plan_requests(ours, n_tokens=16)}
     assert (64, 64, 6) in shapes and (64, 64, 4) in shapes and (128, 64, 2) in shapes
@@ -99,7 +132,7 @@ def test_several_active_adapters_with_dropout_draw_their_own_masks():
     other = {**OTHER, "target_modules": ["q_proj"], "lora_dropout": 0.3}
     theirs, ours = two_adapter_pair(other=other)
     theirs.base_model.set_adapter(["default", "b"])
-    ours.set_adapter(["default", "b"])
+    ours.base_model.set_adapter(["default", "b"])
     batch = text_batch()
     losses = []
     for model in (theirs, ours):
@@ -133,7 +166,6 @@ def test_adapter_names_per_example_match_peft(form, monkeypatch):
                 ours.set_adapter(name, inference_mode=True)
                 alone = ours(**row).logits
             torch.testing.assert_close(got[i : i + 1], alone, rtol=1e-5, atol=1e-5)
-    assert all(m._routing is None for m in ours.modules() if isinstance(m, RunLoRALinear))
 
 
 @pytest.mark.parametrize("form", list(FORMS))
@@ -169,8 +201,6 @@ def test_adapter_names_with_modules_to_save_route_each_example():
             ours(**batch, adapter_names=MIXED).logits,
             theirs(**batch, adapter_names=MIXED).logits,
         )
-    with pytest.raises(ValueError, match="only one of them can be active"):
-        ours.set_adapter(["default", "b"])
 
 
 def test_each_adapter_saves_where_peft_does_and_loads_both_ways(tmp_path):
@@ -189,9 +219,10 @@ def test_each_adapter_saves_where_peft_does_and_loads_both_ways(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch, adapter_names=MIXED).logits, want)
     # we read PEFT's
-    back = RunLoRAModel.from_pretrained(base_llama(), tmp_path / "peft")
+    back = runlora.from_pretrained(base_llama(), tmp_path / "peft")
     back.load_adapter(tmp_path / "peft" / "b", adapter_name="b")
     assert set(back.peft_config) == {"default", "b"} and not trainable(back)
+    assert all_accelerated(back)
     with torch.no_grad():
         torch.testing.assert_close(back(**batch, adapter_names=MIXED).logits, want)
     # selected_adapters: only "b", in its subdirectory
@@ -201,18 +232,24 @@ def test_each_adapter_saves_where_peft_does_and_loads_both_ways(tmp_path):
 
 
 def test_load_adapter_as_trainable_trains_after_set_adapter(tmp_path):
-    theirs, ours = two_adapter_pair()
+    _, ours = two_adapter_pair()
     ours.save_pretrained(tmp_path)
-    model = RunLoRAModel.from_pretrained(base_llama(), tmp_path, is_trainable=True)
+    model = runlora.from_pretrained(base_llama(), tmp_path, is_trainable=True)
     model.load_adapter(tmp_path / "b", "b", is_trainable=True)
-    assert all(".default." in n for n in trainable(model))
-    model.set_adapter("b")
+    stock = peft.PeftModel.from_pretrained(base_llama(), tmp_path, is_trainable=True)
+    stock.load_adapter(tmp_path / "b", "b", is_trainable=True)
+    assert all_accelerated(model)
+    assert trainable(model) == trainable(stock)
+    assert any(".default." in n for n in trainable(model))
+    for m in (model, stock):
+        m.set_adapter("b")
+    assert trainable(model) == trainable(stock)
     assert trainable(model) == {n for n, _ in ours.named_parameters() if ".b." in n}
 
 
 def test_merge_and_unload_several_active_adapters():
     _, ours = two_adapter_pair()
-    ours.set_adapter(["default", "b"])
+    ours.base_model.set_adapter(["default", "b"])
     ours.eval()
     batch = text_batch()
     with torch.no_grad():
@@ -240,37 +277,38 @@ def test_layer_takes_adapter_names_directly(form, shape, monkeypatch):
             torch.testing.assert_close(got[i], want)
 
 
-@pytest.mark.parametrize(
-    ("call", "error", "match"),
-    [
-        (lambda m: m.set_adapter("nope"), ValueError, "no adapter named 'nope'"),
-        (lambda m: m.delete_adapter("nope"), ValueError, "no adapter named 'nope'"),
-        (lambda m: m.add_adapter("b", LoraConfig(**OTHER)), ValueError, "exists already"),
-        (lambda m: m.add_adapter("x.y", LoraConfig(**OTHER)), ValueError, "without '.'"),
-        (lambda m: m.add_adapter("c", peft.LoraConfig(**OTHER)), TypeError, "runlora.LoraConfig"),
-        (lambda m: m.save_pretrained("unused", selected_adapters=["c"]), ValueError, "'c'"),
-        (lambda m: m.eval()(**batch4(), adapter_names=["b", "c", "b", "b"]), ValueError, "'c'"),
-        (lambda m: m.eval()(**batch4(), adapter_names=["b"] * 3), ValueError, "3 names"),
-        (lambda m: m.eval()(**batch4(), adapter_names="b"), TypeError, "list of adapter"),
-        (lambda m: m.train()(**batch4(), adapter_names=["b"] * 4), ValueError, "inference"),
-    ],
-)
-def test_bad_adapter_calls_raise_clearly(call, error, match):
-    _, ours = two_adapter_pair()
-    with pytest.raises(error, match=match):
-        call(ours)
+BAD_CALLS = {
+    "set_adapter unknown": lambda m: m.set_adapter("nope"),
+    "delete_adapter unknown": lambda m: m.delete_adapter("nope"),
+    "add_adapter existing": lambda m: m.add_adapter("b", peft.LoraConfig(**OTHER)),
+    "adapter_names unknown": lambda m: m.eval()(**batch4(), adapter_names=["b", "c", "b", "b"]),
+    "adapter_names count": lambda m: m.eval()(**batch4(), adapter_names=["b"] * 3),
+    "adapter_names a str": lambda m: m.eval()(**batch4(), adapter_names="b"),
+    "adapter_names training": lambda m: m.train()(**batch4(), adapter_names=["b"] * 4),
+    "generate count": lambda m: m.eval().generate(
+        input_ids=batch4()["input_ids"], adapter_names=["b", "default"], max_new_tokens=1
+    ),
+}
 
 
-def test_adapter_names_refused_while_merged_and_last_adapter_kept():
-    _, ours = two_adapter_pair()
-    ours.eval()
-    for _, layer in ours.lora_layers():
-        layer.merge()
-    with pytest.raises(ValueError, match="merged"):
-        ours(**batch4(), adapter_names=MIXED)
-    single = get_runlora_model(llama(), LoraConfig(**DEFAULT))
-    with pytest.raises(ValueError, match="only adapter"):
-        single.delete_adapter("default")
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_adapter_calls_raise_pefts_errors_before_any_op_call(case, monkeypatch):
+    theirs, ours = two_adapter_pair()
+    with pytest.raises(Exception) as expected:
+        BAD_CALLS[case](theirs)
+    ranks = record_ranks(monkeypatch)
+    with pytest.raises(type(expected.value)) as actual:
+        BAD_CALLS[case](ours)
+    assert str(actual.value) == str(expected.value)
+    assert not ranks
+
+
+def test_adapter_names_refused_while_merged():
+    for model in two_adapter_pair():
+        model.eval()
+        model.merge_adapter()
+        with pytest.raises(ValueError, match="merged"):
+            model(**batch4(), adapter_names=MIXED)
 
 
 @pytest.mark.parametrize("form", list(FORMS))
@@ -312,6 +350,29 @@ def test_stacked_adapters_follow_weight_changes(monkeypatch):
     torch.testing.assert_close(second[1], first[1])
 
 
+@pytest.mark.parametrize("form", list(FORMS))
+def test_one_adapter_names_list_reused_after_a_weight_change(form, monkeypatch):
+    """PEFT hands every layer the caller's adapter_names list; the terms runlora keeps for it
+    between no-grad calls follow the weights when the same list comes back after they changed
+    (an optimizer step, load_state_dict)."""
+    monkeypatch.setattr(runlora.routing, "STACKED_MAX_TOKENS", FORMS[form])
+    theirs, ours = two_adapter_pair()
+    theirs.eval()
+    ours.eval()
+    ids = batch4()["input_ids"]
+    names = list(MIXED)
+    with torch.no_grad():
+        first = ours(input_ids=ids, adapter_names=names).logits
+        for model in (theirs, ours):
+            for n, p in model.named_parameters():
+                if ".b." in n and "lora_B" in n:
+                    p.add_(0.5)
+        want = theirs(input_ids=ids, adapter_names=names).logits
+        got = ours(input_ids=ids, adapter_names=names).logits
+    assert not torch.allclose(got, first)
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize(
     "names",
     [
@@ -341,8 +402,9 @@ def test_a_new_adapter_waits_for_set_adapter_everywhere():
     ours2 = get_runlora_model(base_llama(), LoraConfig(**DEFAULT))
     ours2.load_state_dict(theirs.state_dict())
     theirs.add_adapter("b", peft.LoraConfig(**OTHER))
-    ours2.add_adapter("b", LoraConfig(**OTHER))
+    ours2.add_adapter("b", peft.LoraConfig(**OTHER))
     down = ours2.get_base_model().model.layers[0].mlp.down_proj
+    assert is_accelerated(down)
     assert down.active_adapters == ["default"] and ours2.active_adapter == "default"
     batch = text_batch()
     torch.testing.assert_close(ours2(**batch).loss, theirs(**batch).loss)
@@ -360,7 +422,8 @@ def test_set_adapter_without_modules_to_save_runs_the_original_module():
         model.set_adapter("b")
     batch = text_batch()
     torch.testing.assert_close(ours(**batch).loss, theirs(**batch).loss)
-    assert ours.get_base_model().lm_head.active_adapter is None
+    heads = [m.get_base_model().lm_head for m in (theirs, ours)]
+    assert heads[1].active_adapters == heads[0].active_adapters == []
 
 
 def test_merge_and_unload_an_adapter_that_skips_some_layers():
@@ -372,58 +435,6 @@ def test_merge_and_unload_an_adapter_that_skips_some_layers():
         want = ours(**batch).logits
         merged = ours.merge_and_unload(adapter_names=["b"])
         torch.testing.assert_close(merged(**batch).logits, want, rtol=1e-5, atol=1e-5)
-
-
-def test_a_routed_call_inside_a_routed_call_restores_the_outer_routing():
-    _, ours = two_adapter_pair()
-    ours.eval()
-    ids = batch4()["input_ids"]
-    with torch.no_grad():
-        want = ours(input_ids=ids, adapter_names=MIXED).logits
-        with ours._routed(MIXED):
-            ours(input_ids=ids[:2], adapter_names=["default", "b"])  # nested, then gone
-            torch.testing.assert_close(ours(input_ids=ids).logits, want)
-    assert all(m._routing is None for m in ours.modules() if isinstance(m, RunLoRALinear))
-
-
-def test_routed_calls_from_two_threads_are_refused():
-    import threading
-
-    _, ours = two_adapter_pair()
-    ours.eval()
-    errors = []
-
-    def other_thread():
-        try:
-            ours(**batch4())
-        except RuntimeError as err:
-            errors.append(str(err))
-
-    with torch.no_grad(), ours._routed(MIXED):
-        worker = threading.Thread(target=other_thread)
-        worker.start()
-        worker.join()
-    assert errors and "another thread" in errors[0]
-    with torch.no_grad():
-        ours(**batch4())  # the owner is gone: plain calls work again
-
-
-def test_generate_refuses_a_wrong_number_of_adapter_names():
-    _, ours = two_adapter_pair()
-    ours.eval()
-    with pytest.raises(ValueError, match="2 names for 4 prompts"):
-        ours.generate(input_ids=batch4()["input_ids"], adapter_names=["b", "default"])
-
-
-def test_a_refused_set_adapter_changes_nothing():
-    with_head = {**DEFAULT, "modules_to_save": ["lm_head"]}
-    _, ours = two_adapter_pair(with_head, {**OTHER, "modules_to_save": ["lm_head"]})
-    before = trainable(ours)
-    layers = {n: m.active_adapters for n, m in ours.lora_layers()}
-    with pytest.raises(ValueError, match="only one of them can be active"):
-        ours.set_adapter(["default", "b"])
-    assert trainable(ours) == before and ours.active_adapter == "default"
-    assert {n: m.active_adapters for n, m in ours.lora_layers()} == layers
 
 
 def test_decoding_steps_after_a_long_prefill_add_the_terms_stacked(monkeypatch):
@@ -454,29 +465,35 @@ def test_decoding_steps_after_a_long_prefill_add_the_terms_stacked(monkeypatch):
 
 
 def test_several_adapters_with_bias_are_refused_as_in_peft():
-    ours = get_runlora_model(base_llama(), LoraConfig(**DEFAULT, bias="lora_only"))
-    with pytest.raises(ValueError, match="bias='none' for every adapter"):
-        ours.add_adapter("b", LoraConfig(**OTHER))
-    _, ours = two_adapter_pair()
-    with pytest.raises(ValueError, match="bias='none' for every adapter"):
-        ours.add_adapter("c", LoraConfig(**OTHER, bias="all"))
+    for build in (peft.get_peft_model, get_runlora_model):
+        model = build(base_llama(), peft.LoraConfig(**DEFAULT, bias="lora_only"))
+        model.add_adapter("b", peft.LoraConfig(**OTHER))  # PEFT: fine while "b" has none
+        with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
+            model.add_adapter("c", peft.LoraConfig(**OTHER, bias="all"))
 
 
 def test_set_adapter_leaves_other_parameters_as_the_user_set_them():
-    _, ours = two_adapter_pair()
-    norm = ours.get_base_model().model.norm.weight
-    norm.requires_grad_(True)
-    ours.set_adapter("b")
-    assert norm.requires_grad
+    for model in two_adapter_pair():
+        norm = model.get_base_model().model.norm.weight
+        norm.requires_grad_(True)
+        model.set_adapter("b")
+        assert norm.requires_grad
 
 
-def test_modules_to_save_routed_without_a_positional_batch_is_refused():
-    from runlora.model import ModulesToSave
-    from runlora.routing import Routing
-
-    wrapper = ModulesToSave(torch.nn.Linear(4, 4)).eval()
-    wrapper._routing = Routing(["default", "__base__"])
-    x = torch.randn(2, 4)
-    assert wrapper(x).shape == (2, 4)
-    with pytest.raises(ValueError, match="first positional argument"):
-        wrapper(input=x)
+@pytest.mark.parametrize("form", list(FORMS))
+def test_adapter_names_on_a_bf16_model_with_pefts_fp32_adapters(form, monkeypatch):
+    monkeypatch.setattr(runlora.routing, "STACKED_MAX_TOKENS", FORMS[form])
+    base = base_llama().to(torch.bfloat16)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**DEFAULT))
+    theirs.add_adapter("b", peft.LoraConfig(**OTHER))
+    ours = get_runlora_model(copy.deepcopy(base), LoraConfig(**DEFAULT))
+    ours.add_adapter("b", peft.LoraConfig(**OTHER))
+    ours.load_state_dict(theirs.state_dict())
+    assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.float32}
+    theirs.eval()
+    ours.eval()
+    with torch.no_grad():
+        want = theirs(**batch4(), adapter_names=MIXED).logits
+        got = ours(**batch4(), adapter_names=MIXED).logits
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)

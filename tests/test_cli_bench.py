@@ -218,6 +218,75 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     assert (tmp_path / "out" / "tiny.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.parametrize("quant", ["none", "4bit"])
+def test_runlora_arms_run_the_op_inside_peft_layers(monkeypatch, quant):
+    """Every arm is a PEFT model but the floor; a runlora arm's step runs runlora's op in each
+    adapted layer (PEFT's bnb layers too), the PEFT arm's never."""
+    import runlora.layer
+    from runlora import bench, configs
+
+    if quant != "none":
+        pytest.importorskip("bitsandbytes")
+    settings = BenchSettings(batch_size=1, seq_len=8, quant=quant, criterions=("flops",))
+    config = configs.load_config("llama_tiny")
+    model = configs.build_model(config, seed=0)
+    targets = list(configs.default_target_modules(model))
+    if quant != "none":
+        from runlora.quant import quantize_model
+
+        quantize_model(model, 4, compute_dtype=torch.float32)
+    batch = bench._make_batch(config, "causal_lm", settings)
+    arms = bench.build_arms(model, batch, settings, targets)
+    assert [a.name for a in arms] == ["floor", "peft", "runlora/flops"]
+    calls = []
+    real = runlora.layer.lora_linear
+    monkeypatch.setattr(
+        runlora.layer, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    n_layers = len(targets) * config.num_hidden_layers
+    losses = {}
+    for a in arms:
+        calls.clear()
+        losses[a.name] = float(a.step())
+        assert len(calls) == (n_layers if a.kind == "runlora" else 0), a.name
+    assert losses["runlora/flops"] == pytest.approx(losses["peft"], rel=1e-5)
+
+
+def test_plan_shows_what_the_runlora_model_runs(tmp_path, capsys):
+    """``runlora plan``'s plan for each target shape is the one the layers of
+    ``get_runlora_model`` (PEFT layers on runlora's op) run for the same tokens."""
+    import runlora
+    from runlora.configs import build_model, load_config
+
+    targets = ["q_proj", "down_proj"]
+    argv = ["plan", "-m", "llama_tiny", "--batch-size", "2", "--seq-len", "16", "-r", "4"]
+    assert main([*argv, "--target-modules", *targets, "-o", str(tmp_path / "p.json")]) == 0
+    assert "4 layers, 2 distinct shapes" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "p.json").read_text())["layers"]
+    planned = {name: row["plan"] for row in rows for name in row["layers"]}
+    assert len(planned) == 4
+    model = runlora.get_runlora_model(
+        build_model(load_config("llama_tiny"), seed=0),
+        runlora.LoraConfig(r=4, lora_alpha=8, target_modules=targets),
+    )
+    ids = torch.randint(0, 512, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    ran = {
+        name.removeprefix("base_model.model."): m._last_plan[1]
+        for name, m in model.named_modules()
+        if runlora.integrations.peft.is_accelerated(m)
+    }
+    assert ran.keys() == planned.keys()
+    for name, plan in ran.items():
+        if ".layers.0." not in name:  # layer 0's input has no grad: planned without dX
+            assert (plan.forward, plan.backward) == (
+                planned[name]["forward"],
+                planned[name]["backward"],
+            ), name
+    assert main([*argv, "--target-modules", "nothing"]) == 2
+    assert "no nn.Linear matches" in _error_line(capsys)
+
+
 def test_layer_bench_ratios_on_a_stubbed_clock():
     clock = FakeClock()
 

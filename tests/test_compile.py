@@ -1,4 +1,5 @@
-"""torch.compile: the layer compiles without graph breaks; a compiled model trains like eager."""
+"""torch.compile: RunLoRALinear and an accelerated PEFT layer compile without graph breaks; a
+compiled PeftModel from get_runlora_model trains like eager."""
 
 from __future__ import annotations
 
@@ -79,6 +80,45 @@ def test_dynamic_shapes_recompile_per_bucket_only():
     assert graphs == [1, 2, 2, 3]  # 630 is in 601's bucket (513..640), 1000 is not
 
 
+@pytest.mark.parametrize("build", ["llama", "gpt2"])
+def test_an_accelerated_peft_layer_compiles_fullgraph(build):
+    """PEFT's own Linear (nn.Linear base, and Conv1D with fan_in_fan_out), switched to
+    runlora's forward: no graph break, eager's outputs and gradients."""
+    tiny_models = pytest.importorskip("tiny_models")
+    from runlora.integrations.peft import is_accelerated
+
+    target, path = {
+        "llama": ("q_proj", "model.layers.0.self_attn.q_proj"),
+        "gpt2": ("c_attn", "transformer.h.0.attn.c_attn"),
+    }[build]
+    model = get_runlora_model(
+        getattr(tiny_models, build)(),
+        LoraConfig(
+            r=R, target_modules=[target], init_lora_weights=False, fan_in_fan_out=build == "gpt2"
+        ),
+    )
+    layer = model.base_model.model.get_submodule(path)
+    assert is_accelerated(layer)
+    eager = copy.deepcopy(layer)
+    compiled = torch.compile(layer, fullgraph=True, backend=BACKEND)
+    for n in (5, 300):
+        x = torch.randn(2, n, 64, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        y, y_ref = compiled(x), eager(x2)
+        torch.testing.assert_close(y, y_ref)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        y_ref.backward(dy)
+        torch.testing.assert_close(x.grad, x2.grad)
+        for name in ("lora_A", "lora_B"):
+            torch.testing.assert_close(
+                getattr(layer, name)["default"].weight.grad,
+                getattr(eager, name)["default"].weight.grad,
+            )
+        layer.zero_grad()
+        eager.zero_grad()
+
+
 def test_compiled_llama_trains_like_eager():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
@@ -95,6 +135,8 @@ def test_compiled_llama_trains_like_eager():
     eager = get_runlora_model(copy.deepcopy(base), lora)
     model = get_runlora_model(copy.deepcopy(base), lora)
     model.load_state_dict(eager.state_dict())
+    peft = pytest.importorskip("peft")
+    assert isinstance(model, peft.PeftModel)
     compiled = torch.compile(model, backend=BACKEND)
     opts = [
         torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)

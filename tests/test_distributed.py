@@ -41,15 +41,35 @@ ATOL = 2e-6
 
 
 def tiny_lora_model(criterion: str = "flops"):
-    """get_runlora_model on llama_tiny, every block linear adapted, A and B random (seeded)."""
+    """get_runlora_model on llama_tiny (a ``peft.PeftModel``), every block linear adapted, A and
+    B random (seeded), every LoRA layer on runlora's op."""
     from runlora import LoraConfig, get_runlora_model
+
+    model = get_runlora_model(tiny_base(), LoraConfig(**_LORA_KWARGS, criterion=criterion))
+    assert len(lora_layers(model)) == N_LORA_LAYERS
+    return model
+
+
+def tiny_base():
     from runlora.configs import build_model, load_config
 
-    base = build_model(load_config("llama_tiny"), seed=0)
-    return get_runlora_model(base, LoraConfig(**_LORA_KWARGS, criterion=criterion))
+    return build_model(load_config("llama_tiny"), seed=0)
+
+
+def lora_layers(model) -> dict:
+    """The LoRA layers of ``model`` that run runlora's op, by name; every LoRA layer must."""
+    from peft.tuners.lora import LoraLayer
+
+    from runlora.integrations.peft import is_accelerated
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    slow = [n for n, m in layers.items() if not is_accelerated(m)]
+    assert not slow, f"LoRA layers running PEFT's forward: {slow}"
+    return layers
 
 
 _LORA_KWARGS = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+N_LORA_LAYERS = 2 * len(TARGETS)
 
 
 def global_batches(steps: int = STEPS) -> list[torch.Tensor]:
@@ -115,7 +135,7 @@ def _worker(rank: int, scenario: str, port: int, out: str) -> None:
 def _ddp_and_plans(rank: int, out: Path) -> None:
     import runlora.roofline
     from runlora.cache import PlanCache
-    from runlora.distributed import sync_plans
+    from runlora.distributed import save_adapter, sync_plans
 
     if rank != 0:  # only rank 0 may measure anything
 
@@ -127,13 +147,15 @@ def _ddp_and_plans(rank: int, out: Path) -> None:
     plans = sync_plans(model, n_tokens=LOCAL_BATCH * SEQ)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     losses = train(ddp, global_batches(), rank)
-    used = {name: layer._last_plan[1].to_dict() for name, layer in model.lora_layers()}
+    used = {name: layer._last_plan[1].to_dict() for name, layer in lora_layers(model).items()}
+    assert len(used) == N_LORA_LAYERS
     # Both ranks merge their entries into one cache file at the same moment.
     shared = PlanCache(out / "shared_cache" / "plans.json")
     dist.barrier()
     for i in range(20):
         shared.put("plans", f"rank{rank}-entry{i}", {"i": i})
     dist.barrier()
+    save_adapter(ddp, out / "adapter")
     torch.save(
         {
             "plans": {repr(k): v.to_dict() for k, v in plans.items()},
@@ -175,7 +197,7 @@ def _fsdp(rank: int, out: Path) -> None:
         ("bf16", False, torch.bfloat16),
     ):
         model = tiny_lora_model()
-        for _, layer in model.lora_layers():
+        for layer in lora_layers(model).values():
             layer.register_forward_pre_hook(
                 lambda mod, args: current.__setitem__("weight", mod.base_layer.weight)
             )
@@ -270,20 +292,25 @@ def _accelerate_fsdp2(rank: int, out: Path) -> None:
             "x_dtypes": set(seen_dtypes),
         }
         if precision == "no":
+            # PEFT's own save_pretrained would write each rank's shards: save_adapter gathers
             save_adapter(prepared, out / "adapter")
-            prepared.save_pretrained(out / "adapter_again")
     torch.save(results, out / f"rank{rank}.pt")
 
 
 def _failing_rank(rank: int, out: Path) -> None:
-    model = tiny_lora_model()
+    """What the harness does with a rank that raises while its peer waits in a collective; the
+    model is a RunLoRALinear (no PEFT import: the test is of the harness, not the model)."""
+    from runlora import RunLoRALinear
+
+    torch.manual_seed(0)
+    model = RunLoRALinear(torch.nn.Linear(SEQ, SEQ), r=4, lora_alpha=8, init_lora_weights=False)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     for step, batch in enumerate(global_batches()):
         if rank == 1 and step == 1:
             raise ValueError(f"bad batch on rank {rank} at step {step}")
-        ids = local_rows(batch, rank)
-        ddp(input_ids=ids, labels=ids).loss.backward()  # rank 0 then waits in all-reduce
+        x = local_rows(batch, rank).float()
+        ddp(x).square().mean().backward()  # rank 0 then waits in all-reduce
         opt.step()
         opt.zero_grad()
 
@@ -300,7 +327,7 @@ def _deepspeed(rank: int, out: Path) -> None:
             return p.detach().clone()
 
     results = {}
-    for label, stage in (("zero2", 2), ("zero3", 3), ("zero3_init", 3), ("zero3_from_peft", 3)):
+    for label, stage in DEEPSPEED_RUNS:
         config = {
             "train_micro_batch_size_per_gpu": LOCAL_BATCH,
             "gradient_accumulation_steps": 1,
@@ -310,8 +337,9 @@ def _deepspeed(rank: int, out: Path) -> None:
             "gradient_clipping": 0.0,  # DeepSpeed clips to 1.0 unless told
         }
         model = tiny_lora_model()
-        if label in ("zero3_init", "zero3_from_peft"):
+        if label in ("zero3_init", "zero3_patched"):
             model = _other_build(label, model, config)
+        n_layers = len(lora_layers(model))
         q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
         partitioned = hasattr(q_proj.base_layer.weight, "ds_id")
         frozen_before = {n: full(p) for n, p in model.named_parameters() if not p.requires_grad}
@@ -339,6 +367,7 @@ def _deepspeed(rank: int, out: Path) -> None:
             "built_partitioned": partitioned,
             "plans": {repr(k): v.to_dict() for k, v in plans.items()},
             "plan_shapes": {(k.in_features, k.out_features, k.r) for k in plans},
+            "n_lora_layers": n_layers,
         }
         if label == "zero3":
             save_adapter(engine, out / "adapter")
@@ -346,23 +375,26 @@ def _deepspeed(rank: int, out: Path) -> None:
     torch.save(results, out / f"rank{rank}.pt")
 
 
+DEEPSPEED_RUNS = (("zero2", 2), ("zero3", 3), ("zero3_init", 3), ("zero3_patched", 3))
+
+
 def _other_build(label: str, reference, config: dict):
     """The reference model built another way, with the reference's values: its base born
-    partitioned (as ``from_pretrained`` under ZeRO-3 builds it), or a PEFT model + from_peft."""
+    partitioned (as ``from_pretrained`` under ZeRO-3 builds it), or by PEFT's own
+    ``get_peft_model`` under ``runlora.patch_peft()``."""
     import deepspeed
+    import peft
 
-    from runlora import LoraConfig, from_peft, get_runlora_model
-    from runlora.configs import build_model, load_config
+    import runlora
+    from runlora import LoraConfig, get_runlora_model
 
     if label == "zero3_init":
         with deepspeed.zero.Init(config_dict_or_path=config):
-            base = build_model(load_config("llama_tiny"), seed=0)
+            base = tiny_base()
         model = get_runlora_model(base, LoraConfig(**_LORA_KWARGS))
     else:
-        import peft
-
-        peft_config = peft.LoraConfig(**_LORA_KWARGS)
-        model = from_peft(peft.get_peft_model(build_model(load_config("llama_tiny")), peft_config))
+        with runlora.patch_peft():
+            model = peft.get_peft_model(tiny_base(), peft.LoraConfig(**_LORA_KWARGS))
     wanted = dict(reference.named_parameters())
     assert wanted.keys() == dict(model.named_parameters()).keys()
     for name, p in model.named_parameters():
@@ -477,6 +509,7 @@ def test_ddp_trains_like_one_process_and_ranks_share_plans(tmp_path, reference):
     assert ranks[0]["plans"] == ranks[1]["plans"] and ranks[0]["plans"]
     assert all(p["criterion"] == "roofline" for p in ranks[0]["plans"].values())
     assert ranks[0]["used"] == ranks[1]["used"]
+    assert_saved_like(tmp_path / "adapter", reference)
     cache = json.loads((tmp_path / "cache" / "plans.json").read_text())
     assert cache["format"] == "runlora-plan-cache" and len(cache["plans"]) >= 1
     shared = json.loads((tmp_path / "shared_cache" / "plans.json").read_text())
@@ -484,8 +517,6 @@ def test_ddp_trains_like_one_process_and_ranks_share_plans(tmp_path, reference):
 
 
 def test_fsdp2_trains_like_one_process_frozen_shards_untouched(tmp_path, reference):
-    from safetensors.torch import load_file
-
     run_job("fsdp", tmp_path)
     ranks = rank_results(tmp_path)
     for r, res in enumerate(ranks):
@@ -500,24 +531,28 @@ def test_fsdp2_trains_like_one_process_frozen_shards_untouched(tmp_path, referen
         assert bf16["frozen_same"]
         for name, want in reference["trained"].items():  # bf16 compute, fp32 params
             assert (bf16["lora"][name] - want).abs().max().item() < 5e-2, name
-    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4
-    trained = {k.replace(".default.", "."): v for k, v in reference["trained"].items()}
-    assert saved.keys() == trained.keys()
-    for key, value in saved.items():
-        assert (value - trained[key]).abs().max().item() <= ATOL, key
-    assert not (tmp_path / "rank1_adapter").exists()
+    assert_saved_like(tmp_path / "adapter", reference)
+    assert sorted(p.name for p in tmp_path.iterdir() if "adapter" in p.name) == ["adapter"]
 
 
 def assert_saved_like(directory: Path, reference: dict) -> None:
+    """``directory`` holds one PEFT adapter: PEFT's config and keys (no adapter name, no
+    ``_checkpoint_wrapped_module``, no FSDP prefix), the full trained tensors, and stock PEFT
+    (``PeftModel.from_pretrained``, no runlora) loads it into a fresh base with those values."""
+    import peft
     from safetensors.torch import load_file
 
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == sorted(TARGETS)
     saved = load_file(str(directory / "adapter_model.safetensors"))
     trained = {k.replace(".default.", "."): v for k, v in reference["trained"].items()}
     assert saved.keys() == trained.keys()
     for key, value in saved.items():
         assert (value - trained[key]).abs().max().item() <= ATOL, key
+    loaded = peft.PeftModel.from_pretrained(tiny_base(), directory, is_trainable=True)
+    assert isinstance(loaded, peft.PeftModel)
+    assert_same_lora(lora_state(loaded), reference, ATOL, f"stock PEFT loading {directory.name}")
 
 
 def test_accelerate_fsdp2_prepare_with_activation_checkpointing(tmp_path, reference):
@@ -538,33 +573,27 @@ def test_accelerate_fsdp2_prepare_with_activation_checkpointing(tmp_path, refere
                 for name, want in reference["trained"].items():  # fp32 params, bf16 compute
                     assert (lora[name] - want).abs().max().item() < 5e-2, name
     assert_saved_like(tmp_path / "adapter", reference)
-    assert_saved_like(tmp_path / "adapter_again", reference)
 
 
 def test_deepspeed_zero2_and_zero3_train_like_one_process(tmp_path, reference):
     """DeepSpeed ZeRO-2/3 (CPU accelerator, gloo): runlora's layers read partitioned weights
     through ZeRO-3's external-parameter hooks, also with a base built under ``zero.Init`` and for
-    a PEFT model switched by ``from_peft``."""
+    a model built by PEFT's ``get_peft_model`` under ``runlora.patch_peft()``."""
     pytest.importorskip("deepspeed")
-    from safetensors.torch import load_file
-
     run_job("deepspeed", tmp_path, timeout_s=JOB_TIMEOUT_S * 4)  # first use builds DeepSpeed's op
     ranks = rank_results(tmp_path)
     for r, res in enumerate(ranks):
-        for label in ("zero2", "zero3", "zero3_init", "zero3_from_peft"):
+        for label, _ in DEEPSPEED_RUNS:
             run = res[label]
             assert_same_lora(run["lora"], reference, ATOL, f"DeepSpeed {label} rank {r}")
             assert run["frozen_same"] and run["n_frozen"] > 0, label
+            assert run["n_lora_layers"] == N_LORA_LAYERS, label
         assert res["zero3_init"]["built_partitioned"] and not res["zero3"]["built_partitioned"]
-        for label in ("zero2", "zero3", "zero3_init", "zero3_from_peft"):
+        for label, _ in DEEPSPEED_RUNS:
             # sync_plans read the full (in, out, r) of partitioned adapters; ranks agree
             assert res[label]["plan_shapes"] == {(64, 64, 4), (64, 176, 4), (176, 64, 4)}, label
             assert res[label]["plans"] == ranks[0][label]["plans"], label
-    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    trained = {k.replace(".default.", "."): v for k, v in reference["trained"].items()}
-    assert saved.keys() == trained.keys()
-    for key, value in saved.items():
-        assert (value - trained[key]).abs().max().item() <= ATOL, key
+    assert_saved_like(tmp_path / "adapter", reference)
 
 
 def test_an_abort_counts_only_after_every_rank_wrote_its_results(tmp_path):
@@ -639,3 +668,49 @@ def test_shutdown_without_a_process_group_does_nothing():
     assert not dist.is_initialized()
     shutdown()
     assert not dist.is_initialized()
+
+
+def test_plan_requests_see_the_layers_runlora_runs():
+    """A plain PEFT model's layers run PEFT's forward: nothing to plan until ``from_peft``
+    switches them; a layer with a fixed ``plan`` plans nothing either."""
+    import peft
+
+    from runlora import from_peft
+    from runlora.distributed import plan_requests
+
+    n_tokens = LOCAL_BATCH * SEQ
+    plain = peft.get_peft_model(tiny_base(), peft.LoraConfig(**_LORA_KWARGS))
+    assert plan_requests(plain, n_tokens) == []
+    from_peft(plain)
+    assert plan_requests(plain, n_tokens) == plan_requests(tiny_lora_model(), n_tokens)
+    from runlora.planner import Plan
+
+    for name, layer in lora_layers(plain).items():
+        if not name.endswith("down_proj"):
+            layer.plan = Plan("sequential", "B1")
+    assert {(q.in_features, q.out_features) for q in plan_requests(plain, n_tokens)} == {(176, 64)}
+
+
+def test_save_adapter_in_one_process_writes_what_peft_writes(tmp_path):
+    from safetensors.torch import load_file
+    from torch import nn
+
+    from runlora.distributed import save_adapter
+
+    model = tiny_lora_model()
+    assert save_adapter(model, tmp_path / "ours") == tmp_path / "ours"
+    model.save_pretrained(tmp_path / "peft")
+    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * N_LORA_LAYERS
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ours_config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert ours_config == json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]  # no temporary directory left behind
+    with pytest.raises(TypeError, match="adapter 'other'"):
+        save_adapter(model, tmp_path / "x", adapter_name="other")
+    with pytest.raises(TypeError, match="needs a peft.PeftModel"):
+        save_adapter(nn.Linear(2, 2), tmp_path / "x")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -33,6 +34,12 @@ def run(args: list[str], cwd: Path, **env: str) -> str:
     return out
 
 
+def adapter_rank(directory: Path) -> int:
+    """``r`` of the PEFT adapter saved in ``directory`` (its weights file must be there too)."""
+    assert (directory / "adapter_model.safetensors").is_file()
+    return json.loads((directory / "adapter_config.json").read_text())["r"]
+
+
 def eval_losses(out: str) -> tuple[float, float]:
     before = float(re.search(r"eval loss before:\s*([\d.]+)", out).group(1))
     after = float(re.search(r"eval loss after:\s*([\d.]+)", out).group(1))
@@ -40,24 +47,34 @@ def eval_losses(out: str) -> tuple[float, float]:
 
 
 def test_train_loop_learns(tmp_path):
-    before, after = eval_losses(run([str(EXAMPLES / "train_loop.py")], tmp_path))
+    out = run([str(EXAMPLES / "train_loop.py")], tmp_path)
+    before, after = eval_losses(out)
     assert after < before - 0.5
+    assert "14 of 14 LoRA layers run runlora's op" in out
+    assert adapter_rank(tmp_path / "loop_out" / "adapter") == 8
 
 
 @pytest.mark.parametrize("flags", [[], ["--no-checkpointing"]])
 def test_train_trainer_learns_and_saves_a_peft_adapter(tmp_path, flags):
-    from runlora.io import read_config
-
     out = run([str(EXAMPLES / "train_trainer.py"), "--steps", "10", *flags], tmp_path)
     before, after = eval_losses(out)
     assert after < before - 0.1
-    assert read_config(tmp_path / "trainer_out" / "adapter").r == 8
+    assert adapter_rank(tmp_path / "trainer_out" / "adapter") == 8
+
+
+def test_train_sft_learns_on_runlora_and_saves_a_peft_adapter(tmp_path):
+    pytest.importorskip("trl")
+    out = run([str(EXAMPLES / "train_sft.py"), "--steps", "20"], tmp_path)
+    before, after = eval_losses(out)
+    assert after < before - 0.5
+    assert "8 of 8 LoRA layers run runlora's op" in out  # TRL's layers, patched by patch_peft
+    assert adapter_rank(tmp_path / "sft_out" / "adapter") == 8
 
 
 def test_accelerate_example_under_torchrun_on_two_cpu_ranks(tmp_path):
     import torch
 
-    from runlora import RunLoRAModel
+    import runlora
     from runlora.configs import build_model, load_config
 
     out = run(
@@ -80,6 +97,6 @@ def test_accelerate_example_under_torchrun_on_two_cpu_ranks(tmp_path):
     )
     assert re.search(r"\d+ plans shared by 2 ranks", out), out[-2000:]
     base = build_model(load_config("llama_tiny"), seed=0)
-    model = RunLoRAModel.from_pretrained(base, tmp_path / "adapter")
+    model = runlora.from_pretrained(base, tmp_path / "adapter")
     trained = [p for n, p in model.named_parameters() if ".lora_B." in n]
     assert trained and all(torch.count_nonzero(p) > 0 for p in trained)  # B starts at 0

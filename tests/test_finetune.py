@@ -62,7 +62,10 @@ def test_runlora_matches_peft_step_by_step(tiny_llama_dir, tmp_path):
     assert ours.eval_loss_start == pytest.approx(theirs.eval_loss_start, rel=PARITY_RTOL)
     assert ours.eval_loss_end == pytest.approx(theirs.eval_loss_end, rel=PARITY_RTOL)
 
-    a, b = lora_state(result["models"]["runlora"]), lora_state(result["models"]["peft"])
+    models = result["models"]
+    assert _engines(models["runlora"]) == {"runlora"}  # parity is not of PEFT with itself
+    assert _engines(models["peft"]) == {"peft"}
+    a, b = lora_state(models["runlora"]), lora_state(models["peft"])
     assert a.keys() == b.keys() and len(a) == 2 * 2 * 7  # A and B, 2 blocks, 7 projections
     for key in b:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=f"{key}")
@@ -73,9 +76,27 @@ def test_runlora_matches_peft_step_by_step(tiny_llama_dir, tmp_path):
     assert saved["runlora"].keys() == saved["peft"].keys()
     for key, tensor in saved["peft"].items():
         torch.testing.assert_close(saved["runlora"][key], tensor, rtol=1e-3, atol=1e-4)
+    # runlora's adapter in stock PEFT, on a fresh base: the trained weights, the same logits
+    import peft
+
+    base = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "runlora").eval()
+    assert _engines(loaded) == {"peft"}
+    mine = lora_state(loaded)
+    assert mine.keys() == a.keys()
+    assert all(torch.equal(mine[k], a[k]) for k in a)
+    ids = torch.randint(0, data.ByteTokenizer.vocab_size, (2, 16))
+    with torch.no_grad():
+        trained = models["runlora"].eval()(input_ids=ids).logits
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-6)
     log = json.loads((tmp_path / "finetune_log.json").read_text())
     assert len(log["runs"]["peft"]["loss"]) == len(log["runs"]["runlora"]["step_time_s"]) == STEPS
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+
+
+def _engines(model) -> set[str]:
+    """Which engines run ``model``'s LoRA layers (``runlora.describe``)."""
+    return {row.engine for row in runlora.describe(model, file=None)}
 
 
 def test_with_dropout_both_backends_converge(tiny_llama_dir):
@@ -92,6 +113,8 @@ def test_trains_under_hf_trainer(tiny_llama_dir, tmp_path, checkpointing):
     model = runlora.get_runlora_model(
         task.model, runlora.LoraConfig(r=8, lora_alpha=16, target_modules=task.target_modules)
     )
+    assert isinstance(model, __import__("peft").PeftModel)  # what Trainer branches on
+    assert _engines(model) == {"runlora"}
     rows = task.train["input_ids"][:64]
     dataset = [{"input_ids": r, "labels": r} for r in rows]
     args = transformers.TrainingArguments(
@@ -129,6 +152,7 @@ def test_minilm_classifier_trains_lora_and_a_head(tmp_path):
         progress=False,
     )
     result = finetune(options)
+    assert _engines(result["models"]["runlora"]) == {"runlora"}
     run = result["runs"]["runlora"]
     assert 0.0 <= run.accuracy_start <= 1.0 and 0.0 <= run.accuracy_end <= 1.0
     assert result["task"].label_names == sorted(result["task"].label_names)
@@ -159,8 +183,21 @@ def test_cli_writes_adapter_and_log(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "runlora: 3 steps" in printed and "eval loss" in printed
-    assert (out / "runlora" / "adapter_config.json").is_file()
     assert len(json.loads((out / "finetune_log.json").read_text())["runs"]["runlora"]["loss"]) == 3
+    # the adapter loads in stock PEFT on the base the CLI built (shipped config, seed 0)
+    import peft
+
+    from runlora.finetune import _load_causal_lm
+
+    base, _ = _load_causal_lm("llama_tiny", FinetuneOptions().seed)
+    loaded = peft.PeftModel.from_pretrained(base, out / "runlora")
+    assert sorted(os.listdir(out / "runlora")) == [
+        "README.md",  # PEFT's model card
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    trained = [p for n, p in loaded.named_parameters() if ".lora_B." in n]
+    assert len(trained) == 2 * 7 and all(torch.count_nonzero(p) > 0 for p in trained)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Adapters in PEFT's file format, both ways; atomic saves; errors that name the file."""
+"""Adapter files are PEFT's own (``save_pretrained`` / ``from_pretrained`` of the PeftModel),
+both ways: runlora's models write exactly what PEFT writes, and read what PEFT wrote."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import gpt2, llama, text_batch
 
-import runlora.io
-from runlora import LoraConfig, RunLoRAModel, get_runlora_model
+import runlora
+from runlora import LoraConfig, get_runlora_model
+from runlora.integrations.peft import is_accelerated, save_adapter_files
 
 peft = pytest.importorskip("peft")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CONFIGS = {
     "llama_patterns": (
@@ -72,28 +76,53 @@ def logits(model):
         return model(**text_batch()).logits
 
 
+def trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_layers(model) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+def as_sets(config: dict) -> dict:
+    """adapter_config.json content, with the lists PEFT writes from sets (in their set's
+    iteration order, which depends on insertion order and hashing) as sets."""
+    return {
+        k: set(v) if k in ("target_modules", "exclude_modules") and isinstance(v, list) else v
+        for k, v in config.items()
+    }
+
+
+def files(directory) -> tuple[dict, dict]:
+    return (
+        load_file(directory / "adapter_model.safetensors"),
+        json.loads((directory / "adapter_config.json").read_text()),
+    )
+
+
 @pytest.mark.parametrize("case", list(CONFIGS))
-def test_runlora_saves_what_peft_loads(case, tmp_path):
+def test_runlora_saves_what_peft_saves_and_loads(case, tmp_path):
     build, kwargs = CONFIGS[case]
     base = build()
     ours = trained(get_runlora_model(copy.deepcopy(base), LoraConfig(**kwargs)))
-    ours.save_pretrained(tmp_path)
+    ours.save_pretrained(tmp_path / "ours")
     expected = logits(ours)
-    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    assert not any(is_accelerated(m) for m in lora_layers(loaded).values())
     torch.testing.assert_close(logits(loaded), expected)
-    # The same file keys and shapes PEFT writes for the same config.
+    # The very file PEFT writes for the same config and tensors (modules_to_save included).
     peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    peft_model.load_state_dict(ours.state_dict())
     peft_model.save_pretrained(tmp_path / "peft")
-    ours_file = load_file(tmp_path / "adapter_model.safetensors")
-    peft_file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    peft_file = {
-        k: v
-        for k, v in peft_file.items()
-        if ".original_module." not in k and ".modules_to_save." not in k
-    }
-    assert {k: v.shape for k, v in ours_file.items()} == {k: v.shape for k, v in peft_file.items()}
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "LORA" and data["r"] == kwargs["r"]
+    (ours_file, ours_config), (peft_file, peft_config) = (
+        files(tmp_path / "ours"),
+        files(tmp_path / "peft"),
+    )
+    assert ours_file.keys() == peft_file.keys() and ours_file
+    for key, value in peft_file.items():
+        assert torch.equal(ours_file[key], value), key
+    assert as_sets(ours_config) == as_sets(peft_config) and "criterion" not in ours_config
+    assert ours_config["peft_type"] == "LORA" and ours_config["r"] == kwargs["r"]
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))
@@ -102,42 +131,62 @@ def test_peft_saves_what_runlora_loads(case, tmp_path):
     base = build()
     peft_model = trained(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs)))
     peft_model.save_pretrained(str(tmp_path))
-    ours = RunLoRAModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    ours = runlora.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert all(is_accelerated(m) for m in lora_layers(ours).values())
     torch.testing.assert_close(logits(ours), logits(peft_model))
-    assert not ours.training and not any(p.requires_grad for p in ours.parameters())
-    again = RunLoRAModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
-    assert {n for n, p in again.named_parameters() if p.requires_grad} == {
-        n for n, p in peft_model.named_parameters() if p.requires_grad
-    }
+    stock = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    assert not ours.training
+    assert trainable(ours) == trainable(stock)  # PEFT's: nothing, but bias="all" biases
+    assert not any("lora_" in n for n in trainable(ours))
+    again = runlora.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    assert trainable(again) == trainable(peft_model)
 
 
-@pytest.mark.parametrize("case", list(CONFIGS))
-def test_checkpoint_wrapped_blocks_save_peft_keys(case, tmp_path):
-    """torch's checkpoint_wrapper (accelerate's FSDP activation checkpointing) puts
-    ``_checkpoint_wrapped_module`` into module names but not into state-dict keys: the file's
-    keys and tensors are those of the unwrapped model."""
+def _wrap_blocks(model):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         apply_activation_checkpointing,
     )
 
+    blocks = ("LlamaDecoderLayer", "GPT2Block")
+    apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ in blocks)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_modules())
+    return model
+
+
+@pytest.mark.parametrize("case", ["llama_rslora_save", "gpt2_lora_only_save"])
+def test_checkpoint_wrapped_blocks_save_what_peft_saves(case, tmp_path):
+    """torch's checkpoint_wrapper (accelerate's FSDP activation checkpointing) around the
+    blocks: the layers inside still run the op, and the file is stock PEFT's for the same
+    wrapped model."""
     build, kwargs = CONFIGS[case]
+    base = build()
+    ours = _wrap_blocks(trained(get_runlora_model(copy.deepcopy(base), LoraConfig(**kwargs))))
+    assert all(is_accelerated(m) for m in lora_layers(ours).values())
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    reference.load_state_dict(ours.state_dict())
+    reference = _wrap_blocks(reference)
+    torch.testing.assert_close(logits(ours), logits(reference))
+    ours.save_pretrained(tmp_path / "ours")
+    reference.save_pretrained(tmp_path / "peft")
+    (mine, _), (theirs, _) = files(tmp_path / "ours"), files(tmp_path / "peft")
+    assert mine.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert torch.equal(mine[key], value), key
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="PEFT 0.21 writes no tensor of a LoRA layer inside a checkpoint-wrapped block "
+    "(stock PEFT alike; and a modules_to_save module inside one fails to save): runlora 0.1's "
+    "own writer kept the unwrapped keys",
+)
+def test_checkpoint_wrapped_blocks_save_the_unwrapped_keys(tmp_path):
+    build, kwargs = CONFIGS["gpt2_lora_only_save"]
     ours = trained(get_runlora_model(build(), LoraConfig(**kwargs)))
     ours.save_pretrained(tmp_path / "plain")
-    blocks = ("LlamaDecoderLayer", "GPT2Block")
-    apply_activation_checkpointing(ours, check_fn=lambda m: type(m).__name__ in blocks)
-    assert any("_checkpoint_wrapped_module" in n for n, _ in ours.named_modules())
-    ours.save_pretrained(tmp_path / "wrapped")
-    plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
-    wrapped = load_file(tmp_path / "wrapped" / "adapter_model.safetensors")
-    assert wrapped.keys() == plain.keys() and plain
-    for key, value in plain.items():
-        assert torch.equal(wrapped[key], value), key
-    fresh = get_runlora_model(build(), LoraConfig(**kwargs))
-    apply_activation_checkpointing(fresh, check_fn=lambda m: type(m).__name__ in blocks)
-    runlora.io.load_adapter_weights(fresh, tmp_path / "wrapped")  # and back into wrapped blocks
-    assert runlora.io.adapter_state_dict(fresh).keys() == plain.keys()
-    for key, value in runlora.io.adapter_state_dict(fresh).items():
-        assert torch.equal(value, plain[key]), key
+    _wrap_blocks(ours).save_pretrained(tmp_path / "wrapped")
+    plain, wrapped = files(tmp_path / "plain")[0], files(tmp_path / "wrapped")[0]
+    assert wrapped.keys() == plain.keys()
 
 
 def test_round_trip_runlora_to_runlora(tmp_path):
@@ -145,26 +194,41 @@ def test_round_trip_runlora_to_runlora(tmp_path):
     kwargs = CONFIGS["llama_patterns"][1]
     ours = trained(get_runlora_model(copy.deepcopy(base), LoraConfig(**kwargs)))
     ours.save_pretrained(tmp_path)
-    loaded = RunLoRAModel.from_pretrained(copy.deepcopy(base), tmp_path, criterion="flops")
+    loaded = runlora.from_pretrained(copy.deepcopy(base), tmp_path, criterion="roofline")
     torch.testing.assert_close(logits(loaded), logits(ours))
     assert loaded.peft_config["default"].rank_pattern == {"v_proj": 2}
+    ranks = {n.rsplit(".", 1)[-1]: m.r["default"] for n, m in lora_layers(loaded).items()}
+    assert ranks == {"q_proj": 4, "v_proj": 2, "up_proj": 4}
+    assert {m.criterion for m in lora_layers(loaded).values()} == {"roofline"}
 
 
-def test_crash_mid_save_leaves_previous_adapter(tmp_path, monkeypatch):
+def test_save_adapter_files_is_atomic(tmp_path, monkeypatch):
+    """``save_adapter_files`` (the writer runlora.distributed uses for gathered tensors): a crash
+    mid-save leaves the previous adapter as it was."""
+    import safetensors.torch
+
     ours = trained(get_runlora_model(llama(), LoraConfig(r=4, target_modules=["q_proj"])))
     ours.save_pretrained(tmp_path)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    trained(ours)
-    real = runlora.io._write_weights
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    save_adapter_files(ours, tmp_path / "again", tensors, "default")
+    assert as_sets(files(tmp_path / "again")[1]) == as_sets(files(tmp_path)[1])
+    again = files(tmp_path / "again")[0]
+    assert again.keys() == tensors.keys() and all(
+        torch.equal(again[k], v) for k, v in tensors.items()
+    )
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    real = safetensors.torch.save_file
 
-    def crash(tensors, path):
-        real(dict(list(tensors.items())[:1]), path)  # half the adapter is on disk, then:
+    def crash(weights, path, metadata=None):
+        real(dict(list(weights.items())[:1]), path, metadata=metadata)  # half of it, then:
         raise OSError("disk full")
 
-    monkeypatch.setattr(runlora.io, "_write_weights", crash)
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    changed = {k: v + 1 for k, v in tensors.items()}
     with pytest.raises(OSError, match="disk full"):
-        ours.save_pretrained(tmp_path)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+        save_adapter_files(ours, tmp_path, changed, "default")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".runlora-save-")]
 
 
 def _saved(tmp_path, **kwargs):
@@ -175,43 +239,28 @@ def _saved(tmp_path, **kwargs):
     return tmp_path
 
 
-def test_rank_mismatch_names_layer_and_shapes(tmp_path):
+def test_rank_mismatch_names_the_tensor(tmp_path):
     directory = _saved(tmp_path)
     data = json.loads((directory / "adapter_config.json").read_text())
     data["r"] = 8
     (directory / "adapter_config.json").write_text(json.dumps(data))
-    with pytest.raises(
-        ValueError,
-        match=r"layer 'base_model.model.model.layers.0.self_attn."
-        r"q_proj': lora_A has shape \(4, 64\) in the file but \(8, 64\)",
-    ):
-        RunLoRAModel.from_pretrained(llama(), directory)
+    with pytest.raises(RuntimeError, match=r"size mismatch for .*layers.0.self_attn.q_proj.lora_A"):
+        runlora.from_pretrained(llama(), directory)
 
 
 def test_missing_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        RunLoRAModel.from_pretrained(llama(), tmp_path)
-    directory = _saved(tmp_path)
-    (directory / "adapter_model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
-        RunLoRAModel.from_pretrained(llama(), directory)
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        runlora.from_pretrained(llama(), tmp_path)
 
 
-def test_corrupt_files_are_named(tmp_path):
-    directory = _saved(tmp_path)
-    weights = directory / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:50])
-    with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable"):
-        RunLoRAModel.from_pretrained(llama(), directory)
-    (directory / "adapter_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="adapter_config.json is not a readable JSON"):
-        RunLoRAModel.from_pretrained(llama(), directory)
-
-
-def test_unsupported_peft_features_are_refused(tmp_path):
+def test_a_dora_adapter_loads_on_pefts_forward(tmp_path):
     base = llama()
-    peft.get_peft_model(
-        base, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
-    ).save_pretrained(str(tmp_path))
-    with pytest.raises(ValueError, match="use_dora=True is a PEFT feature"):
-        RunLoRAModel.from_pretrained(llama(), tmp_path)
+    reference = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    )
+    trained(reference).save_pretrained(str(tmp_path))
+    with pytest.warns(UserWarning, match="none of this model's"):
+        loaded = runlora.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(logits(loaded), logits(reference))
+    rows = runlora.describe(loaded, file=None)
+    assert rows and all(r.engine == "peft" and "DoRA" in r.detail for r in rows)

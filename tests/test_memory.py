@@ -115,3 +115,41 @@ def test_the_count_sees_what_plain_autograd_saves(lora_inputs):
         > _saved_bytes(saved)
         > _saved_bytes(saved_for_backward(inputs, lambda: inputs.run()))
     )
+
+
+@pytest.mark.parametrize("dropout", [0.0, DROPOUT])
+def test_peft_layer_on_runlora_saves_only_x(dropout):
+    """PEFT's own ``lora.Linear`` switched to runlora's op (``from_peft``) saves x alone, with
+    dropout too; the same layer on PEFT's forward saves X Aᵀ (and with dropout a mask and the
+    dropped x) besides."""
+    peft = pytest.importorskip("peft")
+    from torch import nn
+
+    from runlora import from_peft
+
+    def saved_by(layer, x) -> list[Tensor]:
+        params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        saved: dict[int, Tensor] = {}
+
+        def pack(t: Tensor) -> Tensor:
+            if t.untyped_storage().data_ptr() not in params:
+                saved.setdefault(t.untyped_storage().data_ptr(), t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x)
+        y.sum().backward()
+        return list(saved.values())
+
+    config = peft.LoraConfig(
+        r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules=["0"]
+    )
+    layer = peft.get_peft_model(nn.Sequential(nn.Linear(IN_FEATURES, OUT_FEATURES)), config)
+    layer = layer.base_model.model[0].train()
+    x = torch.randn(X_SHAPE_3D, requires_grad=True)
+    theirs = saved_by(layer, x)
+    from_peft(layer)
+    ours = saved_by(layer, x)
+    assert [t.untyped_storage().data_ptr() for t in ours] == [x.untyped_storage().data_ptr()]
+    assert _saved_bytes(theirs) > _saved_bytes(ours)
+    assert any(t.numel() == N_TOKENS * RANK for t in theirs)

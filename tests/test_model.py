@@ -1,16 +1,17 @@
-"""get_runlora_model against PEFT: same targets, same trainable set, same losses and gradients."""
+"""get_runlora_model: a real ``peft.PeftModel`` with runlora's op in its LoRA layers; against
+stock PEFT: same targets, same trainable set, same losses and gradients over training steps."""
 
 from __future__ import annotations
 
 import copy
-import inspect
 
 import pytest
 import torch
 from tiny_models import gpt2, image_batch, llama, loss_of, minilm, text_batch, vit
 
 import runlora
-from runlora import LoraConfig, RunLoRALinear, get_runlora_model
+from runlora import LoraConfig, get_runlora_model
+from runlora.integrations.peft import is_accelerated
 
 peft = pytest.importorskip("peft")
 
@@ -32,10 +33,14 @@ def pair(base, **kwargs):
 
 def lora_grads(model):
     return {
-        n.replace("runlora.", ""): p.grad.clone()
+        n: p.grad.clone()
         for n, p in model.named_parameters()
         if p.requires_grad and p.grad is not None
     }
+
+
+def lora_layers(model) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
 
 
 def frozen(model):
@@ -114,19 +119,8 @@ def test_same_losses_and_gradients_as_peft(case):
     after = frozen(ours)
     assert after.keys() == before.keys()
     assert all(torch.equal(after[n], before[n]) for n in before), "a frozen weight changed"
-    layers = [m for m in ours.modules() if isinstance(m, RunLoRALinear)]
-    assert layers and all(m._last_plan is not None for m in layers)
-
-
-def test_no_weight_copied_and_paths_match_peft():
-    base = llama()
-    weight = base.model.layers[0].self_attn.q_proj.weight
-    ours = get_runlora_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
-    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
-    assert isinstance(layer, RunLoRALinear)
-    assert layer.base_layer.weight.data_ptr() == weight.data_ptr()
-    keys = [k for k in ours.state_dict() if "lora_A" in k]
-    assert keys[0] == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    layers = lora_layers(ours).values()
+    assert layers and all(is_accelerated(m) and m._last_plan is not None for m in layers)
 
 
 @pytest.mark.parametrize(
@@ -156,12 +150,9 @@ def test_targets_ranks_and_scalings_match_peft(kwargs):
         for n, m in peft_model.named_modules()
         if isinstance(m, peft.tuners.lora.LoraLayer)
     }
-    actual = {
-        n: (m.r["default"], m.scaling["default"])
-        for n, m in ours.named_modules()
-        if isinstance(m, RunLoRALinear)
-    }
+    actual = {n: (m.r["default"], m.scaling["default"]) for n, m in lora_layers(ours).items()}
     assert actual == expected
+    assert all(is_accelerated(m) for m in lora_layers(ours).values())
     assert ours.get_nb_trainable_parameters() == peft_model.get_nb_trainable_parameters()
 
 
@@ -192,8 +183,7 @@ def test_merge_and_unload_disable_adapter_and_passthrough(capsys):
     ours = get_runlora_model(
         base, LoraConfig(r=4, target_modules=["q_proj", "o_proj"], init_lora_weights=False)
     )
-    assert ours.config is base.config
-    assert "input_ids" in inspect.signature(ours.forward).parameters
+    assert isinstance(ours, peft.PeftModel) and ours.config is base.config
     ours.print_trainable_parameters()
     assert "trainable params: 2,048 || all params:" in capsys.readouterr().out
     with torch.no_grad():
@@ -206,7 +196,7 @@ def test_merge_and_unload_disable_adapter_and_passthrough(capsys):
         ).shape == (2, 6)
         merged = ours.merge_and_unload()
         assert merged is base
-        assert not any(isinstance(m, RunLoRALinear) for m in merged.modules())
+        assert not lora_layers(merged) and not any(is_accelerated(m) for m in merged.modules())
         torch.testing.assert_close(merged(**batch).logits, adapted, rtol=1e-5, atol=1e-5)
 
 
@@ -244,20 +234,53 @@ def test_hf_trainer_runs(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_target_matching_nothing_names_closest_modules():
-    with pytest.raises(ValueError, match=r"matched no module.*closest module names: q_proj"):
+def test_target_matching_nothing_is_pefts_error():
+    with pytest.raises(ValueError, match=r"Target modules \{'q_prj'\} not found in the base model"):
         get_runlora_model(llama(), LoraConfig(target_modules=["q_prj"]))
 
 
-def test_non_linear_target_is_refused_by_name():
-    with pytest.raises(TypeError, match=r"'model.layers.0.input_layernorm' is a LlamaRMSNorm"):
+def test_non_linear_target_is_pefts_error():
+    with pytest.raises(ValueError, match=r"Target module LlamaRMSNorm.* is not supported"):
         get_runlora_model(llama(), LoraConfig(target_modules=["input_layernorm"]))
 
 
 def test_wrapping_twice_is_refused():
     ours = get_runlora_model(llama(), LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="already has runlora adapters"):
-        get_runlora_model(ours.get_base_model(), LoraConfig(target_modules=["q_proj"]))
+    for model in (ours, ours.get_base_model()):
+        with pytest.raises(ValueError, match="already has PEFT adapters.*runlora.from_peft"):
+            get_runlora_model(model, LoraConfig(target_modules=["q_proj"]))
+
+
+def test_criterion_from_the_config_or_the_call():
+    targets = ["q_proj"]
+    by_config = get_runlora_model(llama(), LoraConfig(target_modules=targets, criterion="roofline"))
+    assert {m.criterion for m in lora_layers(by_config).values()} == {"roofline"}
+    by_call = get_runlora_model(
+        llama(), LoraConfig(target_modules=targets, criterion="roofline"), criterion="flops"
+    )
+    assert {m.criterion for m in lora_layers(by_call).values()} == {"flops"}
+    from_peft_config = get_runlora_model(llama(), peft.LoraConfig(target_modules=targets))
+    assert {m.criterion for m in lora_layers(from_peft_config).values()} == {"flops"}
+    base = llama()
+    with pytest.raises(ValueError, match="unknown criterion 'fastest'"):
+        get_runlora_model(base, LoraConfig(target_modules=targets), criterion="fastest")
+    assert not lora_layers(base), "the model was changed before the error"
+
+
+def test_config_types_adapter_name_and_pefts_own_arguments():
+    with pytest.raises(TypeError, match="runlora.LoraConfig or a peft.LoraConfig, got dict"):
+        get_runlora_model(llama(), {"target_modules": ["q_proj"]})
+    ours = get_runlora_model(
+        llama().to(torch.bfloat16),
+        LoraConfig(target_modules=["q_proj"]),
+        adapter_name="sql",
+        autocast_adapter_dtype=False,  # PEFT's: adapters stay in the base's bf16
+    )
+    assert list(ours.peft_config) == ["sql"] and ours.active_adapter == "sql"
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert is_accelerated(layer) and layer.lora_A["sql"].weight.dtype == torch.bfloat16
+    assert ours.peft_config["sql"].target_modules == {"q_proj"}
+    assert type(ours.peft_config["sql"]) is peft.LoraConfig
 
 
 @pytest.mark.parametrize(
@@ -279,5 +302,15 @@ def test_config_validation(kwargs, message):
 
 
 def test_public_names():
-    for name in ("LoraConfig", "RunLoRALinear", "RunLoRAModel", "get_runlora_model", "from_peft"):
-        assert name in runlora.__all__
+    for name in (
+        "LoraConfig",
+        "RunLoRALinear",
+        "get_runlora_model",
+        "from_peft",
+        "from_pretrained",
+        "patch_peft",
+        "unpatch_peft",
+        "describe",
+        "lora_linear",
+    ):
+        assert name in runlora.__all__ and hasattr(runlora, name), name

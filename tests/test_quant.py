@@ -1,5 +1,6 @@
 """runlora on bitsandbytes 4-bit and 8-bit base weights (QLoRA), against PEFT's own QLoRA layers
-on the very same quantized base: every computation order, the quantized storage left untouched,
+on the very same quantized base: every computation order, PEFT's bnb LoRA layers switched to
+runlora's op (``from_peft``, ``get_runlora_model``), the quantized storage left untouched,
 nothing but x saved for backward, and a tiny quantized Llama that trains."""
 
 from __future__ import annotations
@@ -110,6 +111,17 @@ def _peft_layer(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     layer.lora_A.default.to(dtype)
     layer.lora_B.default.to(dtype)
     return layer
+
+
+def _accelerated(peft_layer: nn.Module) -> nn.Module:
+    """``peft_layer`` switched in place to runlora's op, checked to still be PEFT's bnb layer."""
+    from runlora import from_peft
+    from runlora.integrations.peft import is_accelerated
+
+    bnb_class = type(peft_layer)
+    assert from_peft(peft_layer) is peft_layer
+    assert is_accelerated(peft_layer) and isinstance(peft_layer, bnb_class), type(peft_layer)
+    return peft_layer
 
 
 def _abs_bound_check(
@@ -329,13 +341,16 @@ def _quant_storage(layer: nn.Module) -> list[Tensor]:
 
 
 @needs_bnb
+@pytest.mark.parametrize("host", ["peft", "runlora_linear"])
 @pytest.mark.parametrize("quant", QUANTS, ids=str)
-def test_quantized_storage_is_bit_identical_after_training(quant):
+def test_quantized_storage_is_bit_identical_after_training(quant, host):
     from runlora.layer import RunLoRALinear
 
-    layer = RunLoRALinear(
-        _base(quant, torch.float32).proj, r=RANK, lora_alpha=ALPHA, init_lora_weights=False
-    )
+    base = _base(quant, torch.float32)
+    if host == "peft":
+        layer = _accelerated(_peft_layer(base, torch.float32))
+    else:
+        layer = RunLoRALinear(base.proj, r=RANK, lora_alpha=ALPHA, init_lora_weights=False)
     before = _quant_storage(layer.base_layer)
     a0 = layer.lora_A.default.weight.detach().clone()
     opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
@@ -379,6 +394,46 @@ def test_runlora_linear_on_a_quantized_base_matches_peft(quant, dtype):
         ref.check(y, torch.autograd.grad(y, (x, a, b), dy), dtype, type(module).__name__)
     with pytest.raises(NotImplementedError, match="quantized"):
         layer.merge()
+
+
+@needs_bnb
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quant", QUANTS, ids=str)
+def test_peft_bnb_layer_runs_runlora_and_matches_peft(quant, dtype, monkeypatch):
+    """PEFT's own ``Linear4bit``/``Linear8bitLt`` LoRA layer, switched by ``from_peft``: its
+    forward is runlora's op (once per call, every order through ``layer.plan``), within the
+    rounding bound of the fp64 truth, as PEFT's forward on the same layer is."""
+    _skip_without_int8_matmul(quant)
+    layer = _peft_layer(_base(quant, dtype), dtype).train()
+    x, dy, a, b = _inputs(dtype, layer)
+    ref = Reference(
+        quant_provider(layer.base_layer).dequantize(torch.float32),
+        x,
+        a,
+        b,
+        layer.base_layer.bias,
+        dy,
+    )
+    y_peft = layer(x)
+    ref.check(y_peft, torch.autograd.grad(y_peft, (x, a, b), dy), dtype, "PEFT")
+    _accelerated(layer)
+    import runlora.layer
+
+    calls = []
+    monkeypatch.setattr(runlora.layer, "lora_linear", _counting(calls, runlora.layer.lora_linear))
+    for plan in [None, *ALL_PAIRS]:
+        layer.plan = None if plan is None else Plan(*plan)
+        calls.clear()
+        y = layer(x)
+        assert len(calls) == 1 and y.dtype == dtype and y.shape == dy.shape, plan
+        ref.check(y, torch.autograd.grad(y, (x, a, b), dy), dtype, f"runlora in PEFT {plan}")
+    with torch.no_grad():  # eval, no grad: still the op (no bnb CPU inference repacking)
+        layer.eval()
+        layer.plan = None
+        calls.clear()
+        y = layer(x)
+        assert len(calls) == 1
+        _abs_bound_check("eval Y", y, ref.y, ref.y_bound, dtype)
 
 
 # --- errors, planner, conversion ------------------------------------------------------------
@@ -525,7 +580,10 @@ def _lora_grads(model) -> dict[str, Tensor]:
 def test_get_runlora_model_on_a_bitsandbytes_loaded_llama_matches_peft(quant, tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from runlora import LoraConfig, RunLoRALinear, get_runlora_model
+    from peft.tuners.lora import bnb as peft_bnb
+
+    from runlora import LoraConfig, get_runlora_model
+    from runlora.integrations.peft import is_accelerated
 
     _skip_without_int8_matmul(quant)
     _tiny_llama(transformers).save_pretrained(tmp_path)
@@ -541,12 +599,14 @@ def test_get_runlora_model_on_a_bitsandbytes_loaded_llama_matches_peft(quant, tm
     kwargs = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
     reference = peft.get_peft_model(load(), peft.LoraConfig(**kwargs))
     ours = get_runlora_model(load(), LoraConfig(**kwargs))
+    assert isinstance(ours, peft.PeftModel)
     lora_state = {k: v for k, v in reference.state_dict().items() if "lora_" in k}
     assert not ours.load_state_dict(lora_state, strict=False).unexpected_keys
-    layers = dict(ours.lora_layers())
+    layers = _lora_layers(ours)
     assert len(layers) == 3 * 2
     assert all(quant_provider(m.base_layer) is not None for m in layers.values())
-    assert all(isinstance(m, RunLoRALinear) for m in layers.values())
+    bnb_class = peft_bnb.Linear8bitLt if quant.bits == 8 else peft_bnb.Linear4bit
+    assert all(is_accelerated(m) and isinstance(m, bnb_class) for m in layers.values())
 
     losses = []
     for model in (reference, ours):
@@ -605,6 +665,13 @@ def test_from_peft_runs_a_peft_qlora_model_on_runlora(quant, monkeypatch):
         torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """PEFT's LoRA layers of ``model`` by name (accelerated or not)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
 def _counting(calls: list, fn):
     def wrapper(*args, **kwargs):
         calls.append(1)
@@ -618,7 +685,9 @@ def _counting(calls: list, fn):
 def test_quantized_llama_trains_and_its_adapter_loads_in_peft(quant, tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from runlora import LoraConfig, RunLoRAModel, get_runlora_model
+    import runlora
+    from runlora import LoraConfig, get_runlora_model
+    from runlora.integrations.peft import is_accelerated
 
     _skip_without_int8_matmul(quant)
 
@@ -632,7 +701,9 @@ def test_quantized_llama_trains_and_its_adapter_loads_in_peft(quant, tmp_path):
         )
 
     model = get_runlora_model(build(), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    storage = {n: _quant_storage(m.base_layer) for n, m in model.lora_layers()}
+    layers = _lora_layers(model)
+    assert len(layers) == 7 * 2 and all(is_accelerated(m) for m in layers.values())
+    storage = {n: _quant_storage(m.base_layer) for n, m in layers.items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     batch, losses = _batch(), []
@@ -643,15 +714,17 @@ def test_quantized_llama_trains_and_its_adapter_loads_in_peft(quant, tmp_path):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
-    for name, layer in model.lora_layers():
+    for name, layer in layers.items():
         after = _quant_storage(layer.base_layer)
         assert all(torch.equal(u, v) for u, v in zip(storage[name], after, strict=True)), name
 
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # PEFT's own save
     with torch.no_grad():
         trained = model(**batch).loss
-        ours = RunLoRAModel.from_pretrained(build(), tmp_path).train()
+        ours = runlora.from_pretrained(build(), tmp_path).train()
+        assert all(is_accelerated(m) for m in _lora_layers(ours).values())
         theirs = peft.PeftModel.from_pretrained(build(), tmp_path).train()
+        assert not any(is_accelerated(m) for m in _lora_layers(theirs).values())
         torch.testing.assert_close(ours(**batch).loss, trained, rtol=1e-6, atol=0)
         torch.testing.assert_close(theirs(**batch).loss, trained, rtol=1e-5, atol=0)
 

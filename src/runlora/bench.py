@@ -556,7 +556,7 @@ def build_arms(
     import peft
 
     from .config import LoraConfig
-    from .integrations.peft import get_runlora_model
+    from .integrations.peft import describe, get_runlora_model
 
     model.requires_grad_(False)
     exclude = _storage_ptrs((*model.parameters(), *model.buffers()))
@@ -598,6 +598,14 @@ def build_arms(
         wrapped = get_runlora_model(
             _weight_sharing_copy(model), config, autocast_adapter_dtype=False
         )
+        # A layer left on PEFT's forward would time PEFT under runlora's name.
+        slow = [row for row in describe(wrapped, file=None) if row.engine != "runlora"]
+        if slow:
+            raise BenchError(
+                f"runlora/{criterion}: {len(slow)} LoRA layers would run PEFT's forward, not "
+                f"runlora's op ({slow[0].name}: {slow[0].detail}); leave them out of "
+                "--target-modules"
+            )
         arms.append(arm(f"runlora/{criterion}", "runlora", wrapped))
     return arms
 

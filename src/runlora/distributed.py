@@ -10,9 +10,13 @@ does need care is around the op:
   plans every target layer once on one rank (``src``) and hands the plans (and the roofline
   calibration) to the others, who run them as their own; it then checks that every rank holds
   the same plans. ``"flops"`` plans are deterministic: they are only checked.
-- **Saving.** Under FSDP2 the adapter tensors are shards (``DTensor``). ``save_adapter``
-  gathers only the adapter tensors (never the frozen base) and writes one PEFT-format adapter
-  from rank 0.
+- **Saving.** Under FSDP2 the adapter tensors are shards (``DTensor``), and PEFT's own
+  ``model.save_pretrained`` writes them as they are. ``save_adapter`` gathers only the adapter
+  tensors (never the frozen base) and writes one PEFT-format adapter from rank 0.
+
+The model is PEFT's own ``PeftModel`` (``runlora.get_runlora_model``, ``runlora.from_peft``,
+``runlora.patch_peft``); the layers planned are its LoRA layers that run runlora's op (and any
+``RunLoRALinear``).
 
 Typical use, once the model is wrapped and sharded and before the first step::
 
@@ -121,7 +125,9 @@ def plan_requests(
     """The distinct requests the LoRA layers of ``model`` make for ``n_tokens`` tokens per call.
 
     Args:
-        model: any module holding ``RunLoRALinear`` layers (wrapped by DDP/FSDP2 or not).
+        model: any module holding LoRA layers that run runlora's op (a ``PeftModel`` from
+            ``get_runlora_model``, ``RunLoRALinear``s), wrapped by DDP/FSDP2/DeepSpeed or not.
+            Layers on PEFT's forward and layers with a fixed ``plan`` ask for nothing.
         n_tokens: batch size × sequence length of one forward (per rank).
         input_grad: which values of "x requires grad" to plan for. Both by default: the first
             adapted layer of a model with frozen embeddings sees an input without grad, the
@@ -314,18 +320,26 @@ def gather_adapter_state_dict(model: nn.Module, adapter_name: str = "default") -
     """Adapter ``adapter_name``'s tensors under PEFT's file keys, full and on CPU, on every
     rank.
 
-    PEFT picks the tensors (``get_peft_model_state_dict``, from the model's own parameters, so
-    keys are as PEFT writes them also from ``checkpoint_wrapper``-ed blocks). Under FSDP2 each
+    PEFT picks the tensors (``get_peft_model_state_dict``) from the model's own parameters and
+    buffers: DTensor shards under FSDP2, partitioned parameters under ZeRO-3. Under FSDP2 each
     is all-gathered (``DTensor.full_tensor``), under ZeRO-3 each partitioned one is gathered;
     the frozen base never is. A collective: call it on every rank (tensors go in key order, the
     same on every rank).
+
+    Keys are PEFT's file keys also for blocks wrapped by ``checkpoint_wrapper`` (accelerate's
+    FSDP activation checkpointing): PEFT finds its layers by module name, which holds the
+    wrapper's ``_checkpoint_wrapped_module.`` while ``state_dict()`` keys drop it (so PEFT's
+    own ``get_peft_model_state_dict(model)`` finds nothing there); the tensors are named by
+    module path for PEFT, and the wrapper's segment is dropped from the keys PEFT returns.
     """
     from peft.utils import get_peft_model_state_dict
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
     inner = _unwrap(model)
-    picked = get_peft_model_state_dict(
-        inner, state_dict=inner.state_dict(keep_vars=True), adapter_name=adapter_name
-    )
+    named = dict(inner.named_parameters(remove_duplicate=False))
+    named.update(inner.named_buffers(remove_duplicate=False))
+    picked = get_peft_model_state_dict(inner, state_dict=named, adapter_name=adapter_name)
+    picked = {k.replace(_CHECKPOINT_PREFIX, ""): t for k, t in picked.items()}
     return {k: _full_tensor(picked[k]) for k in sorted(picked)}
 
 

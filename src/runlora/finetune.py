@@ -341,6 +341,7 @@ def apply_lora(
 ) -> nn.Module:
     """``model`` with LoRA on ``target_modules``, by runlora or by PEFT (same hyperparameters).
 
+    Both return a ``peft.PeftModel``; runlora's runs its LoRA layers on runlora's op.
     ``criterion`` is runlora's planning criterion; PEFT has none.
     """
     common = dict(
@@ -572,7 +573,10 @@ def finetune(options: FinetuneOptions, task: Task | None = None) -> dict:
         model, run = train(task, backend, options)
         if out is not None:
             run.adapter_dir = str(out / backend)
-            model.save_pretrained(run.adapter_dir)
+            # PEFT's own files (both backends are PeftModels). The embeddings are never trained
+            # here: not saving them also keeps PEFT from asking the Hub whether a shipped
+            # config's name ("llama_20m") is a model whose vocabulary changed.
+            model.save_pretrained(run.adapter_dir, save_embedding_layers=False)
         runs[backend], models[backend] = run, model
     summary = None
     if options.compare:

@@ -170,7 +170,17 @@ def layer_terms(layer, x: Tensor, routing: Routing) -> tuple:
     ...])`` or ``("stacked", A (R, in), B (out, R), mask)`` (see the module docstring).
     """
     few_tokens = x.numel() // x.shape[-1] <= STACKED_MAX_TOKENS  # decoding steps
-    key = (routing, x.shape[0], x.dim(), x.dtype, x.device, few_tokens)
+    # The weights' identities and version counters are in the key: a Routing can outlive one
+    # forward (runlora.integrations.peft keeps the one of the last adapter_names list, which a
+    # caller may pass again after an optimizer step, load_state_dict or set_scale), and the
+    # stacked terms are copies of the weights.
+    weights = tuple(
+        (id(w), w._version)
+        for n in layer.lora_A
+        for w in (layer.lora_A[n].weight, layer.lora_B[n].weight)
+    )
+    scalings = tuple(layer.scaling.items())
+    key = (routing, x.shape[0], x.dim(), x.dtype, x.device, few_tokens, weights, scalings)
     cached = layer._stack_cache
     if cached is not None and cached[0] == key:
         return cached[1]

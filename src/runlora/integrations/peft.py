@@ -49,6 +49,7 @@ __all__ = [
     "unpatch_peft",
     "describe",
     "LayerReport",
+    "PatchHandle",
     "is_accelerated",
     "save_adapter_files",
 ]
@@ -85,7 +86,9 @@ def _peft_linear_classes() -> tuple[type, ...]:
     if sys.modules.get("bitsandbytes") is not None:
         from peft.tuners.lora import bnb as peft_bnb
 
-        classes += [getattr(peft_bnb, n) for n in ("Linear8bitLt", "Linear4bit") if hasattr(peft_bnb, n)]
+        classes += [
+            getattr(peft_bnb, n) for n in ("Linear8bitLt", "Linear4bit") if hasattr(peft_bnb, n)
+        ]
     return tuple(classes)
 
 
@@ -171,7 +174,11 @@ def _routing(adapter_names) -> Routing:
     """One ``Routing`` for all the layers of one call: PEFT hands every layer the same list,
     so its groups and masks are built once per call (and once per ``generate``)."""
     cached = getattr(_ROUTING, "last", None)
-    if cached is not None and cached[0] is adapter_names and cached[1].names == tuple(adapter_names):
+    if (
+        cached is not None
+        and cached[0] is adapter_names
+        and cached[1].names == tuple(adapter_names)
+    ):
         return cached[1]
     routing = Routing(adapter_names)
     _ROUTING.last = (adapter_names, routing)
@@ -182,11 +189,31 @@ def _routing(adapter_names) -> Routing:
 def _accelerated_class(peft_cls: type) -> type:
     """``PeftEngine`` mixed into ``peft_cls``, named and registered so that pickle finds it."""
     name = "RunLoRA" + (
-        "PeftLinear" if peft_cls.__module__ == "peft.tuners.lora.layer" else "Peft" + peft_cls.__name__
+        "PeftLinear"
+        if peft_cls.__module__ == "peft.tuners.lora.layer"
+        else "Peft" + peft_cls.__name__
     )
     cls = type(name, (PeftEngine, peft_cls), {"__module__": __name__, "__qualname__": name})
     globals()[name] = cls
     return cls
+
+
+def __getattr__(name: str) -> type:
+    """The accelerated classes by name, made on first use: a process that unpickles a model
+    (``torch.load``, a spawned worker) has not switched any layer yet."""
+    if name == "RunLoRAPeftLinear":
+        from peft.tuners.lora import Linear
+
+        return _accelerated_class(Linear)
+    if name.startswith("RunLoRAPeft"):
+        try:
+            from peft.tuners.lora import bnb as peft_bnb
+        except ImportError:
+            peft_bnb = None
+        peft_cls = getattr(peft_bnb, name[len("RunLoRAPeft") :], None)
+        if isinstance(peft_cls, type):
+            return _accelerated_class(peft_cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_accelerated(module: nn.Module) -> bool:
@@ -208,22 +235,38 @@ def _accelerate(module: nn.Module, criterion: str) -> bool:
 
 
 def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    from peft.tuners.lora import LoraLayer
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # no PEFT: describe() still reports RunLoRALinear layers
+        LoraLayer = RunLoRALinear
 
     for name, module in model.named_modules():
         if isinstance(module, (LoraLayer, RunLoRALinear)):
             yield name, module
 
 
+def _runs_op(layer: nn.Module) -> bool:
+    """True if runlora's op runs at least one adapter of ``layer`` (a switched class whose
+    adapters are all DoRA / lora_bias / other variants runs PEFT's forward only)."""
+    return is_accelerated(layer) and any(_adapter_reason(layer, n) is None for n in layer.lora_A)
+
+
 def _warn_if_none_accelerated(model: nn.Module) -> None:
+    """Warn when no LoRA layer of ``model`` runs runlora's op; once for a given set of layers
+    (``get_runlora_model`` under ``patch_peft`` checks twice)."""
     layers = [m for _, m in _lora_layers(model)]
-    if layers and not any(is_accelerated(m) for m in layers):
-        kinds = sorted({type(m).__name__ for m in layers})
-        warnings.warn(
-            f"runlora: none of this model's {len(layers)} LoRA layers ({', '.join(kinds)}) can "
-            "run runlora's op, so all of them run PEFT's forward; runlora.describe(model) says why",
-            stacklevel=3,
-        )
+    if not layers or any(_runs_op(m) for m in layers):
+        return
+    if all(m.__dict__.get("_runlora_warned") for m in layers):
+        return
+    for m in layers:
+        m.__dict__["_runlora_warned"] = True
+    kinds = sorted({type(m).__name__ for m in layers})
+    warnings.warn(
+        f"runlora: none of this model's {len(layers)} LoRA layers ({', '.join(kinds)}) can "
+        "run runlora's op, so all of them run PEFT's forward; runlora.describe(model) says why",
+        stacklevel=3,
+    )
 
 
 def from_peft(peft_model: nn.Module, *, criterion: str = "flops") -> nn.Module:
@@ -236,14 +279,39 @@ def from_peft(peft_model: nn.Module, *, criterion: str = "flops") -> nn.Module:
     Returns:
         ``peft_model`` itself, with the same parameter tensors (an optimizer built before keeps
         working). Layers the op cannot run keep PEFT's forward (``describe`` says which); a
-        model none of whose layers it can run gives a warning.
+        model none of whose layers it can run gives a warning. LoRA layers PEFT creates for
+        this model later (``add_adapter`` / ``load_adapter`` with other targets) run the op too.
     """
     _peft()
     _check_criterion(criterion)
-    for _, module in _lora_layers(peft_model):
+    from peft.tuners.lora import LoraModel
+
+    layers = list(_lora_layers(peft_model))
+    if not layers:
+        warnings.warn(
+            f"runlora.from_peft: this {type(peft_model).__name__} holds no PEFT LoRA layer, so "
+            "there is nothing to run on runlora's op (build it with peft.get_peft_model, or use "
+            "runlora.get_runlora_model)",
+            stacklevel=2,
+        )
+    for _, module in layers:
         _accelerate(module, criterion)
+    for tuner in peft_model.modules():
+        if isinstance(tuner, LoraModel):
+            # Layers PEFT creates later for this model (add_adapter / load_adapter with other
+            # targets) run the op too: LoraModel.inject_adapter calls self._create_new_module.
+            tuner.__dict__["_create_new_module"] = functools.partial(_create_accelerated, criterion)
     _warn_if_none_accelerated(peft_model)
     return peft_model
+
+
+def _create_accelerated(criterion: str, lora_config, adapter_name, target, **kwargs):
+    """``LoraModel._create_new_module``, the new layer switched to runlora's op."""
+    from peft.tuners.lora import LoraModel
+
+    module = LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)
+    _accelerate(module, criterion)
+    return module
 
 
 def _to_peft_config(config):
@@ -319,17 +387,31 @@ def from_pretrained(
 
 
 class _Patch:
-    """What ``patch_peft`` changed on PEFT's ``LoraModel``, to undo it."""
+    """What ``patch_peft`` changed on PEFT's ``LoraModel`` (to undo it) and the criterion new
+    layers get."""
 
     def __init__(self, criterion: str) -> None:
         self.criterion = criterion
         self.saved: dict[str, object] = {}
 
-    def __enter__(self) -> _Patch:
+
+class PatchHandle:
+    """What ``patch_peft`` returns. As a context manager, its exit undoes that call: it
+    unpatches PEFT if the call patched it, or restores the criterion if PEFT was patched
+    already (so ``with runlora.patch_peft(): ...`` inside a patched script leaves it patched)."""
+
+    def __init__(self, criterion: str, previous: str | None) -> None:
+        self.criterion = criterion
+        self._previous = previous  # the criterion before this call, None if it patched
+
+    def __enter__(self) -> PatchHandle:
         return self
 
     def __exit__(self, *exc) -> None:
-        unpatch_peft()
+        if self._previous is None:
+            unpatch_peft()
+        elif _ACTIVE is not None:
+            _ACTIVE.criterion = self._previous
 
     def __repr__(self) -> str:
         return f"runlora.patch_peft(criterion={self.criterion!r})"
@@ -339,7 +421,7 @@ _ACTIVE: _Patch | None = None
 _MISSING = object()
 
 
-def patch_peft(criterion: str = "flops") -> _Patch:
+def patch_peft(criterion: str = "flops") -> PatchHandle:
     """From now on, every LoRA ``Linear`` that PEFT creates runs runlora's op.
 
     That covers ``peft.get_peft_model``, ``PeftModel.from_pretrained``, ``add_adapter`` /
@@ -356,14 +438,14 @@ def patch_peft(criterion: str = "flops") -> _Patch:
         criterion: how runlora plans each layer (``"flops"``, ``"time"``, ``"roofline"``).
 
     Returns:
-        A handle; as a context manager it calls ``unpatch_peft()`` on exit.
+        A ``PatchHandle``; as a context manager its exit undoes this call (see there).
     """
     global _ACTIVE
     _peft()
     _check_criterion(criterion)
     if _ACTIVE is not None:
-        _ACTIVE.criterion = criterion
-        return _ACTIVE
+        previous, _ACTIVE.criterion = _ACTIVE.criterion, criterion
+        return PatchHandle(criterion, previous)
     from peft.tuners.lora import LoraModel
 
     patch = _Patch(criterion)
@@ -381,15 +463,14 @@ def patch_peft(criterion: str = "flops") -> _Patch:
     @functools.wraps(inject)
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
         out = inject(self, model, adapter_name, *args, **kwargs)
-        if _ACTIVE is not None and not model.__dict__.get("_runlora_warned"):
-            model.__dict__["_runlora_warned"] = True
+        if _ACTIVE is not None:
             _warn_if_none_accelerated(model)
         return out
 
     LoraModel._create_new_module = staticmethod(_create_new_module)
     LoraModel.inject_adapter = inject_adapter
     _ACTIVE = patch
-    return patch
+    return PatchHandle(criterion, None)
 
 
 def unpatch_peft() -> None:
@@ -446,7 +527,9 @@ class Description(list):
             for r in self
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         fast = sum(r.engine == "runlora" for r in self)
         lines.append(f"{fast} of {len(self)} LoRA layers run runlora's op")
@@ -465,6 +548,11 @@ def _report(name: str, layer: nn.Module) -> LayerReport:
             why = "Embedding LoRA runs PEFT's forward"
         elif base is not None and not is_supported_base(base):
             why = f"no runlora kind for a {type(base).__name__} base: PEFT's forward"
+        elif type(layer) in _peft_linear_classes():
+            why = (
+                "built without runlora (PEFT's forward): runlora.from_peft(model), or "
+                "runlora.patch_peft() before the model is built"
+            )
         else:
             why = f"{type(layer).__name__} is not a layer runlora accelerates: PEFT's forward"
         return LayerReport(name, kind, in_f, out_f, ranks, "peft", why)
@@ -494,7 +582,10 @@ def describe(model: nn.Module, *, file=sys.stdout) -> Description:
 
 
 def save_adapter_files(
-    peft_model: nn.Module, directory: str | os.PathLike, tensors: dict[str, Tensor], adapter_name: str
+    peft_model: nn.Module,
+    directory: str | os.PathLike,
+    tensors: dict[str, Tensor],
+    adapter_name: str,
 ) -> Path:
     """Write ``adapter_config.json`` (PEFT's, for ``adapter_name``) and
     ``adapter_model.safetensors`` (``tensors``, PEFT's keys) into ``directory``, atomically: both
@@ -504,10 +595,25 @@ def save_adapter_files(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # The config as PEFT's save_pretrained writes it: inference_mode on, and for a config
+    # without task_type the base class (AutoPeftModel.from_pretrained needs it). The config is
+    # written as it is, not a copy: a copied set (target_modules) may list in another order.
     config = peft_model.peft_config[adapter_name]
+    auto_mapping = None
+    if config.task_type is None and hasattr(peft_model, "_get_base_model_class"):
+        base_class = peft_model._get_base_model_class(is_prompt_tuning=config.is_prompt_learning)
+        auto_mapping = {
+            "base_model_class": base_class.__name__,
+            "parent_library": base_class.__module__,
+        }
     tmp = Path(tempfile.mkdtemp(prefix=".runlora-save-", dir=directory))
+    inference_mode = config.inference_mode
     try:
-        config.save_pretrained(tmp)
+        config.inference_mode = True
+        try:
+            config.save_pretrained(tmp, auto_mapping_dict=auto_mapping)
+        finally:
+            config.inference_mode = inference_mode
         weights = {k: t.detach().contiguous() for k, t in tensors.items()}
         save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         for name in ("adapter_config.json", "adapter_model.safetensors"):
