@@ -117,10 +117,12 @@ class PeftEngine(LoRAEngine):
     _runlora_fallback: str | None = None  # why the last call ran PEFT's forward
 
     def _base_weight_args(self):
-        base = self.get_base_layer()
-        fn = self.__dict__.get("_runlora_args_fn")
-        if fn is None:
-            fn = self.__dict__["_runlora_args_fn"] = base_args_fn(base)
+        # The base layer and its reader, found once (get_base_layer walks nested wrappers).
+        cached = self.__dict__.get("_runlora_base")
+        if cached is None:
+            base = self.get_base_layer()
+            cached = self.__dict__["_runlora_base"] = (base, base_args_fn(base))
+        base, fn = cached
         return fn(base, self.fan_in_fan_out)
 
     def _fallback_reason(self, names, args, kwargs) -> str | None:
@@ -133,6 +135,17 @@ class PeftEngine(LoRAEngine):
         return None
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if not args and not kwargs:  # the common case, kept short: one plain active adapter
+            d = self.__dict__
+            name = d.get("_active_adapter")
+            if (
+                isinstance(name, str)
+                and not d.get("_disable_adapters")
+                and not d.get("merged_adapters")
+                and name in self._modules["lora_A"]
+                and _adapter_reason(self, name) is None
+            ):
+                return self._call_op(x, name)[0]
         adapter_names = kwargs.get("adapter_names")
         if self.disable_adapters or (self.merged and adapter_names is None):
             names: list[str] = []
