@@ -1009,11 +1009,13 @@ def worker_regret(args) -> int:
 
     import torch
 
+    sys.path.insert(0, str(SELF.parent))
+    from regret import timed_halves  # benchmarks/regret.py, beside this file
+
     import runlora
-    from runlora.planner import candidates
     from runlora.roofline import calibrate
     from runlora.timing import measure_halves
-    from runlora.variants import LAYOUTS, Problem
+    from runlora.variants import Problem
 
     dtype, device = torch.bfloat16, torch.device(args.device)
     calibrate(dtype, device)
@@ -1023,14 +1025,7 @@ def worker_regret(args) -> int:
     doc = {"device": runlora.cache.device_key(device, dtype), "dtype": "bf16", "rows": rows}
     for n, (i, o), r in itertools.product(*grid):
         problem = Problem(n, i, o, r)
-        pairs = list(candidates(problem))
-        fwds = list({f.name: f for f, _ in pairs}.values())
-        bwds = [
-            (b, lay)
-            for b in {b.name: b for _, b in pairs}.values()
-            if not b.dx_first
-            for lay in LAYOUTS
-        ]
+        fwds, bwds = timed_halves(problem)
         f_ms, b_ms = measure_halves(problem, fwds, bwds, dtype, device, 0.02 * len(fwds + bwds))
         best = min(f_ms.values()) + min(b_ms.values())
         row = {"n": n, "in": i, "out": o, "r": r, "best_ms": best}
@@ -1063,7 +1058,6 @@ def worker_regret(args) -> int:
 def worker_serve(args) -> int:
     """benchmarks/serve_bench.py's arms on the device in bf16 (its model and adapters, timed
     with a device sync around each call)."""
-    import functools
     import statistics
 
     import torch
@@ -1101,13 +1095,7 @@ def worker_serve(args) -> int:
             else:
                 a, b = run(ours, mixed).logits, run(theirs, mixed).logits
                 diff = (a.float() - b.float()).abs().max().item()
-            steps = {
-                "base": functools.partial(run, base, None),
-                "peft": functools.partial(run, theirs, mixed),
-                "runlora": functools.partial(run, ours, mixed),
-                "peft one": functools.partial(run, theirs, None),
-                "runlora one": functools.partial(run, ours, None),
-            }
+            steps = serve_bench.arms(run, base, theirs, ours, mixed)
             times = interleave(steps, min_run_time=sargs.min_run_time, sync=sync)
         ms = {arm: statistics.median(t) * 1e3 for arm, t in times.items()}
         doc["results"][label] = {

@@ -30,6 +30,20 @@ GRID_R = (4, 16, 64, 256)
 MAX_WORK = 2**35  # N·in·out above this takes minutes per shape on a 2-core CPU: skipped
 
 
+def timed_halves(problem: Problem) -> tuple[list, list]:
+    """The forward variants and the (backward variant, layout) pairs to time for ``problem``:
+    each candidate half once (a ``_dx_first`` twin runs the same products as its base)."""
+    pairs = list(candidates(problem))
+    fwds = list({f.name: f for f, _ in pairs}.values())
+    bwds = [
+        (b, lay)
+        for b in {b.name: b for _, b in pairs}.values()
+        if not b.dx_first
+        for lay in LAYOUTS
+    ]
+    return fwds, bwds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/regret_cpu.json")
@@ -48,14 +62,7 @@ def main() -> None:
     rows = []
     for n, i, o, r in tqdm(grid, desc="shapes"):
         problem = Problem(n, i, o, r)
-        pairs = list(candidates(problem))
-        fwds = list({f.name: f for f, _ in pairs}.values())
-        bwds = [
-            (b, lay)
-            for b in {b.name: b for _, b in pairs}.values()
-            if not b.dx_first
-            for lay in LAYOUTS
-        ]
+        fwds, bwds = timed_halves(problem)
         per_variant = args.budget * len(fwds + bwds)
         f_ms, b_ms = measure_halves(
             problem, fwds, bwds, torch.float32, torch.device("cpu"), per_variant

@@ -99,6 +99,18 @@ def _caller(label: str, ids: torch.Tensor, args: argparse.Namespace):
     return generate if label == "generate" else forward
 
 
+def arms(run, base, theirs, ours, mixed) -> dict:
+    """The timed arms: the base model; PEFT and runlora on the mixed batch (``mixed``: one
+    adapter name per example); each with one adapter for the whole batch ("one")."""
+    return {
+        "base": functools.partial(run, base, None),
+        "peft": functools.partial(run, theirs, mixed),
+        "runlora": functools.partial(run, ours, mixed),
+        "peft one": functools.partial(run, theirs, None),
+        "runlora one": functools.partial(run, ours, None),
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -117,13 +129,7 @@ def main(argv=None) -> int:
                 err = float((run(ours, mixed) != run(theirs, mixed)).sum())
             else:
                 err = (run(ours, mixed).logits - run(theirs, mixed).logits).abs().max().item()
-        steps = {
-            "base": functools.partial(run, base, None),
-            "peft": functools.partial(run, theirs, mixed),
-            "runlora": functools.partial(run, ours, mixed),
-            "peft one": functools.partial(run, theirs, None),
-            "runlora one": functools.partial(run, ours, None),
-        }
+        steps = arms(run, base, theirs, ours, mixed)
         with torch.no_grad():
             times = interleave(steps, min_run_time=args.min_run_time, desc=label, progress=True)
         ms = {arm: statistics.median(t) * 1e3 for arm, t in times.items()}
