@@ -228,7 +228,8 @@ def test_save_adapter_files_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_adapter_files(ours, tmp_path, changed, "default")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".runlora-save-")]
+    leftovers = [*tmp_path.iterdir(), *tmp_path.parent.iterdir()]
+    assert not [p for p in leftovers if "runlora-save-" in p.name]
 
 
 def _saved(tmp_path, **kwargs):

@@ -185,3 +185,76 @@ def test_a_saved_model_loads_in_a_fresh_process(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def _counting(monkeypatch) -> list:
+    calls = []
+    real = runlora.layer.run_adapter
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runlora.layer, "run_adapter", counted)
+    return calls
+
+
+def test_a_replaced_base_layer_is_the_one_the_op_reads(monkeypatch):
+    """The layer finds its base once, and again when ``base_layer`` is replaced: outputs follow
+    the new base as PEFT's do, through the op."""
+    base = llama()
+    reference = peft.get_peft_model(copy.deepcopy(base), peft_config())
+    ours = runlora.get_runlora_model(base, peft_config())
+    ours.load_state_dict(reference.state_dict())
+    batch = text_batch()
+    with torch.no_grad():
+        assert torch.equal(ours(**batch).logits, reference(**batch).logits)
+        new = torch.nn.Linear(64, 64).requires_grad_(False)
+        for model in (ours, reference):
+            q = model.get_base_model().model.layers[0].self_attn.q_proj
+            q.base_layer = copy.deepcopy(new)
+        calls = _counting(monkeypatch)
+        torch.testing.assert_close(ours(**batch).logits, reference(**batch).logits)
+    assert len(calls) == len(lora_layers(ours))
+
+
+def peft_config():
+    return peft.LoraConfig(**CONFIG)
+
+
+def test_a_base_offloaded_by_accelerate_runs_pefts_forward(monkeypatch):
+    """accelerate's device_map offload loads the weight in a hook around the base layer's own
+    forward, which the op does not call: such a layer runs PEFT's forward, and says so."""
+
+    class OffloadHook:  # stands in for accelerate's AlignDevicesHook(offload=True)
+        offload = True
+
+    ours = runlora.get_runlora_model(llama(), peft_config())
+    q = ours.get_base_model().model.layers[0].self_attn.q_proj
+    q.base_layer._hf_hook = OffloadHook()
+    q.__dict__.pop("_runlora_base", None)
+    calls = _counting(monkeypatch)
+    with torch.no_grad():
+        ours(**text_batch())
+    assert len(calls) == len(lora_layers(ours)) - 1
+    row = {r.name: r for r in runlora.describe(ours, file=None)}
+    assert (
+        "offloaded by accelerate" in row[next(n for n, m in ours.named_modules() if m is q)].detail
+    )
+
+
+def test_the_short_path_takes_the_list_form_of_one_active_adapter(monkeypatch):
+    """PEFT's set_adapter stores the active adapter as a one-name list; that is still the
+    op's short path and gives PEFT's result."""
+    base = llama()
+    reference = peft.get_peft_model(copy.deepcopy(base), peft_config())
+    ours = runlora.get_runlora_model(base, peft_config())
+    ours.load_state_dict(reference.state_dict())
+    for model in (ours, reference):
+        model.base_model.set_adapter(["default"])
+    q = ours.get_base_model().model.layers[0].self_attn.q_proj
+    assert q._active_adapter == ["default"]
+    monkeypatch.setattr(type(q), "_run", lambda *a: pytest.fail("left the short path"))
+    batch = text_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, reference(**batch).logits)

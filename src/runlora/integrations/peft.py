@@ -116,18 +116,32 @@ class PeftEngine(LoRAEngine):
 
     _runlora_fallback: str | None = None  # why the last call ran PEFT's forward
 
-    def _base_weight_args(self):
-        # The base layer and its reader, found once (get_base_layer walks nested wrappers).
+    def _base_state(self) -> tuple:
+        """``(child, base, reader, why PEFT's forward must run or None)``, found again only when
+        the ``base_layer`` child is replaced (``get_base_layer`` walks nested wrappers)."""
+        child = self._modules.get("base_layer")
         cached = self.__dict__.get("_runlora_base")
-        if cached is None:
+        if cached is None or cached[0] is not child:
             base = self.get_base_layer()
-            cached = self.__dict__["_runlora_base"] = (base, base_args_fn(base))
-        base, fn = cached
+            hook = getattr(base, "_hf_hook", None)
+            why = None
+            if getattr(hook, "offload", False):
+                # accelerate's device_map offload keeps the weight on "meta" and loads it in a
+                # hook around the base layer's own forward, which the op does not call
+                why = "the base weight is offloaded by accelerate (device_map): PEFT's forward"
+            cached = self.__dict__["_runlora_base"] = (child, base, base_args_fn(base), why)
+        return cached
+
+    def _base_weight_args(self):
+        _, base, fn, _ = self._base_state()
         return fn(base, self.fan_in_fan_out)
 
     def _fallback_reason(self, names, args, kwargs) -> str | None:
         if args or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
             return "the call passed extra arguments to the base layer"
+        offloaded = self._base_state()[3]
+        if offloaded is not None and names:
+            return offloaded
         for name in names:
             reason = _adapter_reason(self, name)
             if reason is not None:
@@ -138,12 +152,15 @@ class PeftEngine(LoRAEngine):
         if not args and not kwargs:  # the common case, kept short: one plain active adapter
             d = self.__dict__
             name = d.get("_active_adapter")
+            if type(name) is list and len(name) == 1:  # PEFT's set_adapter stores a list
+                name = name[0]
             if (
                 isinstance(name, str)
                 and not d.get("_disable_adapters")
                 and not d.get("merged_adapters")
                 and name in self._modules["lora_A"]
                 and _adapter_reason(self, name) is None
+                and self._base_state()[3] is None
             ):
                 return self._call_op(x, name)[0]
         adapter_names = kwargs.get("adapter_names")
@@ -431,6 +448,7 @@ class PatchHandle:
 
 
 _ACTIVE: _Patch | None = None
+_PATCH_LOCK = threading.RLock()
 _MISSING = object()
 
 
@@ -453,6 +471,11 @@ def patch_peft(criterion: str = "flops") -> PatchHandle:
     Returns:
         A ``PatchHandle``; as a context manager its exit undoes this call (see there).
     """
+    with _PATCH_LOCK:
+        return _patch(criterion)
+
+
+def _patch(criterion: str) -> PatchHandle:
     global _ACTIVE
     _peft()
     _check_criterion(criterion)
@@ -489,6 +512,11 @@ def patch_peft(criterion: str = "flops") -> PatchHandle:
 def unpatch_peft() -> None:
     """Undo ``patch_peft``: PEFT creates its own LoRA layers again. Layers created while patched
     keep runlora's forward (their model's state is theirs). A no-op when not patched."""
+    with _PATCH_LOCK:
+        _unpatch()
+
+
+def _unpatch() -> None:
     global _ACTIVE
     if _ACTIVE is None:
         return
@@ -601,9 +629,12 @@ def save_adapter_files(
     adapter_name: str,
 ) -> Path:
     """Write ``adapter_config.json`` (PEFT's, for ``adapter_name``) and
-    ``adapter_model.safetensors`` (``tensors``, PEFT's keys) into ``directory``, atomically: both
-    are written in a temporary directory beside it and moved into place with ``os.replace``, so
-    a crash leaves the previous adapter as it was."""
+    ``adapter_model.safetensors`` (``tensors``, PEFT's keys) into ``directory``.
+
+    Each file is written whole in a temporary directory beside ``directory`` and moved into
+    place with ``os.replace``, weights first: a crash while writing leaves the previous files
+    as they were, never a truncated file. (The pair is two renames: a crash between them leaves
+    the new weights beside the previous config, both complete.)"""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -619,7 +650,7 @@ def save_adapter_files(
             "base_model_class": base_class.__name__,
             "parent_library": base_class.__module__,
         }
-    tmp = Path(tempfile.mkdtemp(prefix=".runlora-save-", dir=directory))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.runlora-save-", dir=directory.parent))
     inference_mode = config.inference_mode
     try:
         config.inference_mode = True
@@ -629,7 +660,7 @@ def save_adapter_files(
             config.inference_mode = inference_mode
         weights = {k: t.detach().contiguous() for k, t in tensors.items()}
         save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
             os.replace(tmp / name, directory / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
