@@ -251,3 +251,16 @@ def lora_inputs() -> Callable[..., LoraInputs]:
 def check_reference() -> Callable[..., Tensor]:
     """``check_reference(inputs, plan=..., ...)``: the op against the fp64 reference."""
     return assert_matches_reference
+
+
+def count_op_calls(monkeypatch) -> list:
+    """From now on, one entry per call of runlora's op from a layer (``runlora.layer``'s
+    ``lora_linear``): how the tests see that a layer ran runlora's op, not PEFT's forward."""
+    import runlora.layer
+
+    calls: list = []
+    real = runlora.layer.lora_linear
+    monkeypatch.setattr(
+        runlora.layer, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    return calls

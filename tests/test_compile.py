@@ -23,13 +23,11 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_layer_compiles_fullgraph(bias):
-    layer = RunLoRALinear(nn.Linear(IN, OUT, bias=bias), R, 8, init_lora_weights=False)
-    eager = copy.deepcopy(layer)
-    compiled = torch.compile(layer, fullgraph=True, backend=BACKEND)
+def assert_compiled_like_eager(layer, compiled, eager, in_features: int) -> None:
+    """``compiled`` (of ``layer``) and its eager copy give the same outputs and gradients at two
+    token counts (two plans)."""
     for n in (5, 300):
-        x = torch.randn(2, n, IN, requires_grad=True)
+        x = torch.randn(2, n, in_features, requires_grad=True)
         x2 = x.detach().clone().requires_grad_()
         y, y_ref = compiled(x), eager(x2)
         torch.testing.assert_close(y, y_ref)
@@ -44,6 +42,14 @@ def test_layer_compiles_fullgraph(bias):
             )
         layer.zero_grad()
         eager.zero_grad()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_compiles_fullgraph(bias):
+    layer = RunLoRALinear(nn.Linear(IN, OUT, bias=bias), R, 8, init_lora_weights=False)
+    eager = copy.deepcopy(layer)
+    compiled = torch.compile(layer, fullgraph=True, backend=BACKEND)
+    assert_compiled_like_eager(layer, compiled, eager, IN)
 
 
 def test_layer_with_dropout_compiles_around_the_mask_draw():
@@ -101,22 +107,7 @@ def test_an_accelerated_peft_layer_compiles_fullgraph(build):
     assert is_accelerated(layer)
     eager = copy.deepcopy(layer)
     compiled = torch.compile(layer, fullgraph=True, backend=BACKEND)
-    for n in (5, 300):
-        x = torch.randn(2, n, 64, requires_grad=True)
-        x2 = x.detach().clone().requires_grad_()
-        y, y_ref = compiled(x), eager(x2)
-        torch.testing.assert_close(y, y_ref)
-        dy = torch.randn_like(y)
-        y.backward(dy)
-        y_ref.backward(dy)
-        torch.testing.assert_close(x.grad, x2.grad)
-        for name in ("lora_A", "lora_B"):
-            torch.testing.assert_close(
-                getattr(layer, name)["default"].weight.grad,
-                getattr(eager, name)["default"].weight.grad,
-            )
-        layer.zero_grad()
-        eager.zero_grad()
+    assert_compiled_like_eager(layer, compiled, eager, 64)
 
 
 def test_compiled_llama_trains_like_eager():

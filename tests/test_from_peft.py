@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import count_op_calls
 from safetensors.torch import load_file
 from tiny_models import gpt2, llama, text_batch
 
@@ -16,15 +17,6 @@ from runlora import from_peft
 from runlora.integrations.peft import is_accelerated
 
 peft = pytest.importorskip("peft")
-
-
-def count_op_calls(monkeypatch) -> list:
-    calls = []
-    real = runlora.layer.lora_linear
-    monkeypatch.setattr(
-        runlora.layer, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
-    return calls
 
 
 @pytest.mark.parametrize("build,targets", [(llama, ["q_proj", "v_proj"]), (gpt2, ["c_attn"])])

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import count_op_calls
 from tiny_models import llama, text_batch
 
 import runlora
@@ -30,15 +31,6 @@ FALLBACKS = {
 def never_left_patched():
     yield
     runlora.unpatch_peft()
-
-
-def count_op_calls(monkeypatch) -> list:
-    calls = []
-    real = runlora.layer.lora_linear
-    monkeypatch.setattr(
-        runlora.layer, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
-    return calls
 
 
 def runlora_warnings(fn):

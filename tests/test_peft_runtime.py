@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import count_op_calls
 from tiny_models import llama, text_batch
 
 import runlora
@@ -187,18 +188,6 @@ def test_a_saved_model_loads_in_a_fresh_process(tmp_path):
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
-def _counting(monkeypatch) -> list:
-    calls = []
-    real = runlora.layer.run_adapter
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runlora.layer, "run_adapter", counted)
-    return calls
-
-
 def test_a_replaced_base_layer_is_the_one_the_op_reads(monkeypatch):
     """The layer finds its base once, and again when ``base_layer`` is replaced: outputs follow
     the new base as PEFT's do, through the op."""
@@ -213,7 +202,7 @@ def test_a_replaced_base_layer_is_the_one_the_op_reads(monkeypatch):
         for model in (ours, reference):
             q = model.get_base_model().model.layers[0].self_attn.q_proj
             q.base_layer = copy.deepcopy(new)
-        calls = _counting(monkeypatch)
+        calls = count_op_calls(monkeypatch)
         torch.testing.assert_close(ours(**batch).logits, reference(**batch).logits)
     assert len(calls) == len(lora_layers(ours))
 
@@ -233,7 +222,7 @@ def test_a_base_offloaded_by_accelerate_runs_pefts_forward(monkeypatch):
     q = ours.get_base_model().model.layers[0].self_attn.q_proj
     q.base_layer._hf_hook = OffloadHook()
     q.__dict__.pop("_runlora_base", None)
-    calls = _counting(monkeypatch)
+    calls = count_op_calls(monkeypatch)
     with torch.no_grad():
         ours(**text_batch())
     assert len(calls) == len(lora_layers(ours)) - 1

@@ -324,7 +324,6 @@ class RunLoRALinear(LoRAEngine, nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self._active_adapters: list[str] = [adapter_name]
-        self._routing: Routing | None = None  # routes every call (adapter_names= for one)
         self.criterion = criterion
         self.plan: Plan | None = None
         self.disable_adapters = False
@@ -450,9 +449,8 @@ class RunLoRALinear(LoRAEngine, nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        routing = self._routing if adapter_names is None else Routing(adapter_names)
-        if routing is not None:
-            return mixed_batch_forward(self, x, routing, args, kwargs)
+        if adapter_names is not None:
+            return mixed_batch_forward(self, x, Routing(adapter_names), args, kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         names = self._active_adapters
