@@ -27,6 +27,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m ruff format --check src tests benchmarks examples
+	$(VENV)/bin/lint-imports
 
 # The GPU check (benchmarks/gpu_check.sh, then benchmarks/gpu_check.py): without an NVIDIA GPU it
 # says so in one line and exits 2 before any set-up; QUICK=1 (or gpu-check-quick): ~2 minutes.

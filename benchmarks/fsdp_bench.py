@@ -9,7 +9,7 @@ Per rank it reports:
 - step ms: median forward + backward + optimizer step, the ranks aligned by a barrier;
 - saved MiB: bytes autograd keeps for backward in one step (each storage once, parameters
   excluded, and so are FSDP2's all-gathered weights and the views autograd saves of them:
-  ``runlora.bench.saved_tensor_bytes``);
+  ``runlora.bench.model_bench.saved_tensor_bytes``);
 - peak RSS MiB: the process's high-water mark (``ru_maxrss``) at the end.
 
     python benchmarks/fsdp_bench.py --model llama_60m --nproc 2 --batch-size 4 --seq-len 256 \\
@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from runlora.bench import saved_tensor_bytes
-from runlora.distributed import shutdown
+from runlora.bench.model_bench import saved_tensor_bytes
+from runlora.integrations.distributed import shutdown
 
 ARMS = ("runlora", "peft")
 
@@ -130,7 +130,7 @@ def worker(rank: int, arm: str, args: argparse.Namespace, port: int, out: str) -
             fully_shard(model)
             engine = None
         if arm == "runlora":
-            from runlora.distributed import sync_plans
+            from runlora.integrations.distributed import sync_plans
 
             sync_plans(model, n_tokens=args.batch_size * args.seq_len)
         gen = torch.Generator().manual_seed(rank)

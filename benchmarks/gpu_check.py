@@ -12,7 +12,7 @@ In order, each part in subprocesses with a time budget, printing its output as i
     table     the paper's table in bf16: llama_60m/130m/350m/1.3b against PEFT at the paper's
               batch sizes (halved on out-of-memory), seq 1024, r = 8 and 128, dropout 0 and 0.1,
               through ``runlora bench``: table/<model>_r<r>_d<p>.{csv,json,png}, table.csv
-    roofline  runlora.roofline.calibrate on the device in bf16 and fp32: roofline.json
+    roofline  runlora.planning.roofline.calibrate on the device in bf16 and fp32: roofline.json
     regret    planner regret (flops / roofline / time criteria) on a small grid: regret.json
     serve     the multi-adapter serving benchmark (benchmarks/serve_bench.py) on CUDA, bf16
     dora, fused   placeholders, skipped: not built yet
@@ -981,8 +981,8 @@ def worker_table(args) -> int:
 def worker_roofline(args) -> int:
     import torch
 
-    from runlora.cache import device_name
-    from runlora.roofline import calibrate
+    from runlora.planning.cache import device_name
+    from runlora.planning.roofline import calibrate
 
     device = torch.device(args.device)
     doc = {"device": device_name(device), "calibrations": {}}
@@ -1013,16 +1013,20 @@ def worker_regret(args) -> int:
     from regret import timed_halves  # benchmarks/regret.py, beside this file
 
     import runlora
-    from runlora.roofline import calibrate
-    from runlora.timing import measure_halves
-    from runlora.variants import Problem
+    from runlora.ops.variants import Problem
+    from runlora.planning.measured import measure_halves
+    from runlora.planning.roofline import calibrate
 
     dtype, device = torch.bfloat16, torch.device(args.device)
     calibrate(dtype, device)
     criteria = ("flops", "roofline", "time")
     grid = ((256,), ((64, 48),), (4,)) if args.small else (REGRET_N, REGRET_DIMS, REGRET_R)
     rows = []
-    doc = {"device": runlora.cache.device_key(device, dtype), "dtype": "bf16", "rows": rows}
+    doc = {
+        "device": runlora.planning.cache.device_key(device, dtype),
+        "dtype": "bf16",
+        "rows": rows,
+    }
     for n, (i, o), r in itertools.product(*grid):
         problem = Problem(n, i, o, r)
         fwds, bwds = timed_halves(problem)
@@ -1065,7 +1069,7 @@ def worker_serve(args) -> int:
     sys.path.insert(0, str(SELF.parent))
     import serve_bench
 
-    from runlora.bench import environment, interleave
+    from runlora.bench.model_bench import environment, interleave
 
     device = torch.device(args.device)
     shape = ["--batch-size", "4", "--seq-len", "16", "--prompt-len", "8", "--new-tokens", "2",

@@ -19,10 +19,10 @@ import torch
 from tqdm import tqdm
 
 import runlora
-from runlora.planner import candidates
-from runlora.roofline import calibrate
-from runlora.timing import measure_halves
-from runlora.variants import LAYOUTS, Problem
+from runlora.ops.variants import LAYOUTS, Problem
+from runlora.planning.measured import measure_halves
+from runlora.planning.roofline import calibrate
+from runlora.planning.scoring import candidates
 
 GRID_N = (256, 1024, 4096, 16384)
 GRID_DIMS = ((512, 512), (1024, 2736), (2736, 1024), (2048, 2048), (4096, 4096), (8192, 1024))
@@ -89,7 +89,7 @@ def main() -> None:
             "mean": statistics.fmean(regrets),
         }
     out = {
-        "device": runlora.cache.device_key("cpu", torch.float32),
+        "device": runlora.planning.cache.device_key("cpu", torch.float32),
         "calibration": calib,
         "calibration_s": calib_s,
         "summary": summary,

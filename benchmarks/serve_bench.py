@@ -35,7 +35,7 @@ import peft
 import torch
 
 from runlora import LoraConfig, get_runlora_model
-from runlora.bench import environment, interleave
+from runlora.bench.model_bench import environment, interleave
 from runlora.configs import build_model, load_config
 from runlora.integrations.peft import is_accelerated
 

@@ -27,7 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from runlora import LoraConfig, get_runlora_model
 from runlora.configs import build_model, load_config
-from runlora.distributed import save_adapter, shutdown, sync_plans
+from runlora.integrations.distributed import save_adapter, shutdown, sync_plans
 
 
 def parse_args() -> argparse.Namespace:

@@ -12,8 +12,8 @@ the Python standard library, byte by byte; under a minute on a laptop CPU.
 import torch
 
 import runlora
-from runlora import data
 from runlora.configs import build_model, load_config
+from runlora.recipes import data
 
 STEPS, BATCH, SEQ_LEN = 60, 8, 64
 

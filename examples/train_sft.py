@@ -20,8 +20,8 @@ from transformers import PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
 import runlora
-from runlora import data
 from runlora.configs import build_model, load_config
+from runlora.recipes import data
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -17,8 +17,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import runlora
-from runlora import data
 from runlora.configs import build_model, load_config
+from runlora.recipes import data
 
 
 class Blocks(torch.utils.data.Dataset):

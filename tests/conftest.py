@@ -254,13 +254,13 @@ def check_reference() -> Callable[..., Tensor]:
 
 
 def count_op_calls(monkeypatch) -> list:
-    """From now on, one entry per call of runlora's op from a layer (``runlora.layer``'s
+    """From now on, one entry per call of runlora's op from a layer (``runlora.layers.layer``'s
     ``lora_linear``): how the tests see that a layer ran runlora's op, not PEFT's forward."""
-    import runlora.layer
+    import runlora.layers.layer
 
     calls: list = []
-    real = runlora.layer.lora_linear
+    real = runlora.layers.layer.lora_linear
     monkeypatch.setattr(
-        runlora.layer, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k)
+        runlora.layers.layer, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     return calls

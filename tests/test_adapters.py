@@ -1,7 +1,7 @@
 """Several adapters on one model, against stock PEFT: add/set/delete (PEFT's own API on the
 PeftModel), several active at once (one stacked op call), per-example adapters in a batch
-(``adapter_names=``, forward and generate, run by ``runlora.routing``), saving and loading each
-adapter."""
+(``adapter_names=``, forward and generate, run by ``runlora.layers.routing``), saving and
+loading each adapter."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from tiny_models import llama, text_batch
 
 import runlora
-import runlora.layer
-import runlora.routing
+import runlora.layers.layer
+import runlora.layers.routing
 from runlora import LoraConfig, RunLoRALinear, get_runlora_model
-from runlora.distributed import plan_requests
+from runlora.integrations.distributed import plan_requests
 from runlora.integrations.peft import is_accelerated
 
 peft = pytest.importorskip("peft")
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 DEFAULT = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 OTHER = dict(r=2, lora_alpha=16, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
 MIXED = ["b", "__base__", "default", "b"]
-#: runlora.routing.STACKED_MAX_TOKENS values that force each way of adding the terms
+#: runlora.layers.routing.STACKED_MAX_TOKENS values that force each way of adding the terms
 FORMS = {"grouped": 0, "stacked": 10**9}
 
 
@@ -61,13 +61,13 @@ def all_accelerated(model) -> bool:
 def record_ranks(monkeypatch) -> list:
     """The rank of every call of runlora's op."""
     ranks = []
-    real = runlora.layer.run_adapter
+    real = runlora.layers.layer.run_adapter
 
     def recording(x, base_args, lora_a, *args, **kwargs):
         ranks.append(lora_a.shape[0])
         return real(x, base_args, lora_a, *args, **kwargs)
 
-    monkeypatch.setattr(runlora.layer, "run_adapter", recording)
+    monkeypatch.setattr(runlora.layers.layer, "run_adapter", recording)
     return ranks
 
 
@@ -147,7 +147,7 @@ def test_several_active_adapters_with_dropout_draw_their_own_masks():
 
 @pytest.mark.parametrize("form", list(FORMS))
 def test_adapter_names_per_example_match_peft(form, monkeypatch):
-    monkeypatch.setattr(runlora.routing, "STACKED_MAX_TOKENS", FORMS[form])
+    monkeypatch.setattr(runlora.layers.routing, "STACKED_MAX_TOKENS", FORMS[form])
     theirs, ours = two_adapter_pair()
     theirs.eval()
     ours.eval()
@@ -171,7 +171,7 @@ def test_adapter_names_per_example_match_peft(form, monkeypatch):
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("beams", [1, 2])
 def test_generate_with_adapter_names_matches_peft(beams, form, monkeypatch):
-    monkeypatch.setattr(runlora.routing, "STACKED_MAX_TOKENS", FORMS[form])
+    monkeypatch.setattr(runlora.layers.routing, "STACKED_MAX_TOKENS", FORMS[form])
     theirs, ours = two_adapter_pair()
     theirs.eval()
     ours.eval()
@@ -262,7 +262,7 @@ def test_merge_and_unload_several_active_adapters():
 @pytest.mark.parametrize("shape", [(5, 16), (5, 3, 16), (5, 2, 3, 16)])
 def test_layer_takes_adapter_names_directly(form, shape, monkeypatch):
     """Both ways of adding the terms, on 2-D to 4-D inputs: row i is x[i] run alone."""
-    monkeypatch.setattr(runlora.routing, "STACKED_MAX_TOKENS", FORMS[form])
+    monkeypatch.setattr(runlora.layers.routing, "STACKED_MAX_TOKENS", FORMS[form])
     layer = RunLoRALinear(torch.nn.Linear(16, 8), r=2, init_lora_weights=False)
     layer.update_layer("b", 3, 6, init_lora_weights=False)
     layer.eval()
@@ -313,7 +313,7 @@ def test_adapter_names_refused_while_merged():
 
 @pytest.mark.parametrize("form", list(FORMS))
 def test_adapter_names_on_a_bf16_base_with_fp32_adapters(form, monkeypatch):
-    monkeypatch.setattr(runlora.routing, "STACKED_MAX_TOKENS", FORMS[form])
+    monkeypatch.setattr(runlora.layers.routing, "STACKED_MAX_TOKENS", FORMS[form])
     base = torch.nn.Linear(32, 16).to(torch.bfloat16)
     layer = RunLoRALinear(base, r=4, init_lora_weights=False)
     layer.update_layer("b", 2, 4, init_lora_weights=False)
@@ -335,7 +335,7 @@ def test_adapter_names_on_a_bf16_base_with_fp32_adapters(form, monkeypatch):
 
 def test_stacked_adapters_follow_weight_changes(monkeypatch):
     """The stacked A/B kept between no-grad calls are rebuilt once a weight changes."""
-    monkeypatch.setattr(runlora.routing, "STACKED_MAX_TOKENS", FORMS["stacked"])
+    monkeypatch.setattr(runlora.layers.routing, "STACKED_MAX_TOKENS", FORMS["stacked"])
     layer = RunLoRALinear(torch.nn.Linear(16, 8), r=2, init_lora_weights=False)
     layer.update_layer("b", 3, 6, init_lora_weights=False)
     layer.eval()
@@ -355,7 +355,7 @@ def test_one_adapter_names_list_reused_after_a_weight_change(form, monkeypatch):
     """PEFT hands every layer the caller's adapter_names list; the terms runlora keeps for it
     between no-grad calls follow the weights when the same list comes back after they changed
     (an optimizer step, load_state_dict)."""
-    monkeypatch.setattr(runlora.routing, "STACKED_MAX_TOKENS", FORMS[form])
+    monkeypatch.setattr(runlora.layers.routing, "STACKED_MAX_TOKENS", FORMS[form])
     theirs, ours = two_adapter_pair()
     theirs.eval()
     ours.eval()
@@ -441,14 +441,14 @@ def test_decoding_steps_after_a_long_prefill_add_the_terms_stacked(monkeypatch):
     _, ours = two_adapter_pair()
     ours.eval()
     seen = []
-    real = runlora.routing.layer_terms
+    real = runlora.layers.routing.layer_terms
 
     def recording(layer, x, routing):
         terms = real(layer, x, routing)
         seen.append((x.numel() // x.shape[-1], terms[0]))
         return terms
 
-    monkeypatch.setattr(runlora.routing, "layer_terms", recording)
+    monkeypatch.setattr(runlora.layers.routing, "layer_terms", recording)
     prompts = torch.randint(1, 256, (4, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ours.generate(
@@ -482,7 +482,7 @@ def test_set_adapter_leaves_other_parameters_as_the_user_set_them():
 
 @pytest.mark.parametrize("form", list(FORMS))
 def test_adapter_names_on_a_bf16_model_with_pefts_fp32_adapters(form, monkeypatch):
-    monkeypatch.setattr(runlora.routing, "STACKED_MAX_TOKENS", FORMS[form])
+    monkeypatch.setattr(runlora.layers.routing, "STACKED_MAX_TOKENS", FORMS[form])
     base = base_llama().to(torch.bfloat16)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**DEFAULT))
     theirs.add_adapter("b", peft.LoraConfig(**OTHER))

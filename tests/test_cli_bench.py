@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-from runlora.bench import (
+from runlora.bench.layer_bench import LayerArm, LayerSettings, measure_layer
+from runlora.bench.model_bench import (
     MIB,
     Arm,
     BenchSettings,
@@ -21,7 +22,6 @@ from runlora.bench import (
     saved_tensor_bytes,
 )
 from runlora.cli import main
-from runlora.layer_bench import LayerArm, LayerSettings, measure_layer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: a run of a few steps: no minimum time, two timed rounds after one warm-up round.
@@ -222,8 +222,9 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
 def test_runlora_arms_run_the_op_inside_peft_layers(monkeypatch, quant):
     """Every arm is a PEFT model but the floor; a runlora arm's step runs runlora's op in each
     adapted layer (PEFT's bnb layers too), the PEFT arm's never."""
-    import runlora.layer
-    from runlora import bench, configs
+    import runlora.layers.layer
+    from runlora import configs
+    from runlora.bench import model_bench as bench
 
     if quant != "none":
         pytest.importorskip("bitsandbytes")
@@ -232,16 +233,16 @@ def test_runlora_arms_run_the_op_inside_peft_layers(monkeypatch, quant):
     model = configs.build_model(config, seed=0)
     targets = list(configs.default_target_modules(model))
     if quant != "none":
-        from runlora.quant import quantize_model
+        from runlora.layers.quant import quantize_model
 
         quantize_model(model, 4, compute_dtype=torch.float32)
     batch = bench._make_batch(config, "causal_lm", settings)
     arms = bench.build_arms(model, batch, settings, targets)
     assert [a.name for a in arms] == ["floor", "peft", "runlora/flops"]
     calls = []
-    real = runlora.layer.lora_linear
+    real = runlora.layers.layer.lora_linear
     monkeypatch.setattr(
-        runlora.layer, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k)
+        runlora.layers.layer, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     n_layers = len(targets) * config.num_hidden_layers
     losses = {}
@@ -346,8 +347,8 @@ def test_layer_bench_end_to_end(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_layer_bench_variants_times_every_pair(tmp_path):
-    from runlora.planner import candidates
-    from runlora.variants import LAYOUTS, Problem
+    from runlora.ops.variants import LAYOUTS, Problem
+    from runlora.planning.scoring import candidates
 
     prefix = tmp_path / "variants"
     argv = [

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import runlora
-import runlora.function as function
-import runlora.timing as timing
+import runlora.ops.function as function
+import runlora.planning.measured as timing
 from runlora import BACKWARD_VARIANTS, FORWARD_VARIANTS, LAYOUTS, Plan, lora_linear
 
 pytestmark = [
@@ -90,7 +90,7 @@ def test_backward_regenerates_the_forwards_mask_on_cuda(forward, backward, layou
 
 
 def test_masks_on_cuda_are_dense_seeded_and_drop_p(monkeypatch):
-    from runlora.dropout import draw_mask
+    from runlora.ops.dropout import draw_mask
 
     x = torch.zeros(4096, 256, dtype=torch.bfloat16, device="cuda")
     masks = [draw_mask(x, 0.1, seed) for seed in (7, 7, 8)]
@@ -126,7 +126,7 @@ def test_split_pairs_with_dropout_match_reference_on_cuda(
     inputs = lora_inputs(X_SHAPE, OUT_FEATURES, RANK, dtype=dtype, device="cuda")
     torch.manual_seed(seed)  # the op draws its mask seed from torch's CPU generator
     x2d = inputs.x.reshape(-1, IN_FEATURES)
-    keep = function._keep_mask(x2d, DROPOUT, function._new_seed()).reshape(inputs.x.shape)
+    keep = function._draw_mask(x2d, DROPOUT, function._new_seed()).keep().reshape(inputs.x.shape)
     torch.manual_seed(seed)
     check_reference(inputs, keep=keep, dropout=DROPOUT, plan=Plan(forward, backward))
 
@@ -150,7 +150,7 @@ def _within(name, actual, expected, bound, dtype):
 )
 def test_every_pair_on_a_4bit_base_on_cuda(quant_type, double_quant, dtype):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
-    from runlora.quant import quant_provider, quantize_model
+    from runlora.layers.quant import quant_provider, quantize_model
 
     model = nn.Sequential(OrderedDict(proj=nn.Linear(QLORA_IN, QLORA_OUT)))
     model.to(device="cuda", dtype=dtype)
@@ -199,7 +199,7 @@ def test_every_pair_on_a_4bit_base_on_cuda(quant_type, double_quant, dtype):
 
 
 def test_time_and_roofline_criteria_measure_on_cuda(monkeypatch, tmp_path):
-    from runlora.roofline import calibrate
+    from runlora.planning.roofline import calibrate
 
     monkeypatch.setenv("RUNLORA_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(timing, "TIME_BUDGET_S", 0.3)
@@ -219,7 +219,7 @@ def test_time_and_roofline_criteria_measure_on_cuda(monkeypatch, tmp_path):
 def test_bench_on_cuda_reports_max_memory_allocated():
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
-    from runlora.bench import BenchSettings, run_bench
+    from runlora.bench.model_bench import BenchSettings, run_bench
 
     settings = BenchSettings(
         batch_size=2, seq_len=64, r=8, dtype="bf16", device="cuda", min_run_time=0.0,

@@ -1,4 +1,4 @@
-"""runlora.data: user files, the stdlib corpus, the package task, tokenizer and batching."""
+"""runlora.recipes.data: user files, the stdlib corpus, the package task, tokenizer and batching."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from runlora import data
+from runlora.recipes import data
 
 
 def test_byte_tokenizer_round_trips_any_text():

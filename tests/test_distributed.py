@@ -125,7 +125,7 @@ def _init(rank: int, port: int) -> None:
 
 def _worker(rank: int, scenario: str, port: int, out: str) -> None:
     faulthandler.enable()  # a rank that aborts in C++ prints its Python stack
-    from runlora.distributed import shutdown
+    from runlora.integrations.distributed import shutdown
 
     _init(rank, port)
     SCENARIOS[scenario](rank, Path(out))  # a failing rank raises: spawn reports it
@@ -133,16 +133,16 @@ def _worker(rank: int, scenario: str, port: int, out: str) -> None:
 
 
 def _ddp_and_plans(rank: int, out: Path) -> None:
-    import runlora.roofline
-    from runlora.cache import PlanCache
-    from runlora.distributed import save_adapter, sync_plans
+    import runlora.planning.roofline
+    from runlora.integrations.distributed import save_adapter, sync_plans
+    from runlora.planning.cache import PlanCache
 
     if rank != 0:  # only rank 0 may measure anything
 
         def refuse(*args, **kwargs):
             raise AssertionError(f"rank {rank} measured a variant: plans were not shared")
 
-        runlora.roofline.time_call = refuse
+        runlora.planning.roofline.time_call = refuse
     model = tiny_lora_model(criterion="roofline")
     plans = sync_plans(model, n_tokens=LOCAL_BATCH * SEQ)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -171,12 +171,12 @@ def _fsdp(rank: int, out: Path) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor
 
-    import runlora.layer
-    from runlora.distributed import save_adapter
+    import runlora.layers.layer
+    from runlora.integrations.distributed import save_adapter
 
     seen = []
     current = {}
-    real_op = runlora.layer.lora_linear
+    real_op = runlora.layers.layer.lora_linear
 
     def recording_op(x, weight, *args, **kwargs):
         seen.append(
@@ -189,7 +189,7 @@ def _fsdp(rank: int, out: Path) -> None:
         )
         return real_op(x, weight, *args, **kwargs)
 
-    runlora.layer.lora_linear = recording_op
+    runlora.layers.layer.lora_linear = recording_op
     results = {}
     for label, grad_ckpt, param_dtype in (
         ("fp32", False, None),
@@ -245,17 +245,17 @@ def _accelerate_fsdp2(rank: int, out: Path) -> None:
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    import runlora.layer
-    from runlora.distributed import save_adapter, sync_plans
+    import runlora.layers.layer
+    from runlora.integrations.distributed import save_adapter, sync_plans
 
     seen_dtypes = set()
-    real_op = runlora.layer.lora_linear
+    real_op = runlora.layers.layer.lora_linear
 
     def recording_op(x, *args, **kwargs):
         seen_dtypes.add(x.dtype)
         return real_op(x, *args, **kwargs)
 
-    runlora.layer.lora_linear = recording_op
+    runlora.layers.layer.lora_linear = recording_op
     settings = yaml.safe_load(ACCELERATE_FSDP2_YAML.read_text())
     fsdp = settings["fsdp_config"]
     results = {}
@@ -320,7 +320,7 @@ def _deepspeed(rank: int, out: Path) -> None:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(WORLD))
     import deepspeed
 
-    from runlora.distributed import save_adapter, sync_plans
+    from runlora.integrations.distributed import save_adapter, sync_plans
 
     def full(p):
         with deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else _nothing():
@@ -617,7 +617,7 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
 
 
 def test_plan_requests_are_the_distinct_layer_shapes():
-    from runlora.distributed import plan_requests, sync_plans
+    from runlora.integrations.distributed import plan_requests, sync_plans
 
     model = tiny_lora_model()
     requests = plan_requests(model, n_tokens=LOCAL_BATCH * SEQ)
@@ -628,12 +628,14 @@ def test_plan_requests_are_the_distinct_layer_shapes():
 
 
 def test_installed_plans_are_used_without_measuring(tmp_path, monkeypatch):
-    import runlora.roofline
-    from runlora.distributed import PlanRequest
-    from runlora.planner import Plan, clear_plan_memo, install_plans
+    import runlora.planning.roofline
+    from runlora.integrations.distributed import PlanRequest
+    from runlora.planning.planner import Plan, clear_plan_memo, install_plans
 
     monkeypatch.setenv("RUNLORA_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(runlora.roofline, "time_call", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr(
+        runlora.planning.roofline, "time_call", lambda *a, **k: pytest.fail("measured")
+    )
     request = PlanRequest(37, 48, 80, 4, "roofline", needs_input_grad=False)
     chosen = Plan("lowrank_first", "gradient_split", "autograd", criterion="roofline")
     try:
@@ -646,7 +648,7 @@ def test_installed_plans_are_used_without_measuring(tmp_path, monkeypatch):
 def test_save_adapter_unwraps_deepspeed_engines_and_their_subclasses():
     from torch import nn
 
-    from runlora.distributed import _unwrap
+    from runlora.integrations.distributed import _unwrap
 
     class DeepSpeedEngine(nn.Module):  # stands in for deepspeed's, matched by name
         def __init__(self, module):
@@ -663,7 +665,7 @@ def test_save_adapter_unwraps_deepspeed_engines_and_their_subclasses():
 
 
 def test_shutdown_without_a_process_group_does_nothing():
-    from runlora.distributed import shutdown
+    from runlora.integrations.distributed import shutdown
 
     assert not dist.is_initialized()
     shutdown()
@@ -676,14 +678,14 @@ def test_plan_requests_see_the_layers_runlora_runs():
     import peft
 
     from runlora import from_peft
-    from runlora.distributed import plan_requests
+    from runlora.integrations.distributed import plan_requests
 
     n_tokens = LOCAL_BATCH * SEQ
     plain = peft.get_peft_model(tiny_base(), peft.LoraConfig(**_LORA_KWARGS))
     assert plan_requests(plain, n_tokens) == []
     from_peft(plain)
     assert plan_requests(plain, n_tokens) == plan_requests(tiny_lora_model(), n_tokens)
-    from runlora.planner import Plan
+    from runlora.planning.planner import Plan
 
     for name, layer in lora_layers(plain).items():
         if not name.endswith("down_proj"):
@@ -695,7 +697,7 @@ def test_save_adapter_in_one_process_writes_what_peft_writes(tmp_path):
     from safetensors.torch import load_file
     from torch import nn
 
-    from runlora.distributed import save_adapter
+    from runlora.integrations.distributed import save_adapter
 
     model = tiny_lora_model()
     assert save_adapter(model, tmp_path / "ours") == tmp_path / "ours"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-import runlora.function as function
+import runlora.ops.function as function
 from runlora import BACKWARD_VARIANTS, FORWARD_VARIANTS, LAYOUTS, Plan, lora_linear, plan_layer
-from runlora.planner import plan_for
+from runlora.planning.planner import plan_for
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -32,7 +32,7 @@ MERGED_PAIRS = [pair for pair in ALL_PAIRS if pair not in SPLIT_PAIRS]
 PROBE_FEATURES = 16
 PROBE_TOKENS = 64
 PROBE_DROPOUT = 0.5
-SPARSE_P = 0.2  # at most runlora.dropout.SPARSE_MAX_P: drawn as drop positions on CPU
+SPARSE_P = 0.2  # at most runlora.ops.dropout.SPARSE_MAX_P: drawn as drop positions on CPU
 # Expectation test: one row repeated, so the token mean estimates E[Y] for that row.
 EXPECTATION_TOKENS = 4096
 SIGMAS = 5.0
@@ -101,7 +101,9 @@ def _forward_mask(inputs, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
     x = inputs.x
     mask_seed = function._new_seed()
-    return function._keep_mask(x.reshape(-1, x.shape[-1]), DROPOUT, mask_seed).reshape(x.shape)
+    return (
+        function._draw_mask(x.reshape(-1, x.shape[-1]), DROPOUT, mask_seed).keep().reshape(x.shape)
+    )
 
 
 @pytest.mark.parametrize("x_grad", [True, False])
@@ -250,7 +252,7 @@ def test_frozen_adapter_input_grad_sees_the_forward_mask(forward, backward, p):
     dy = torch.randn(y.shape, dtype=torch.float64, generator=g)
     y.backward(dy)
     torch.manual_seed(1)
-    keep = function._keep_mask(x.detach(), p, function._new_seed()).double()
+    keep = function._draw_mask(x.detach(), p, function._new_seed()).keep().double()
     x2 = x.detach().clone().requires_grad_()
     (x2 @ w.t() + 0.7 * ((x2 * keep / (1 - p)) @ a.t()) @ b.t()).backward(dy)
     torch.testing.assert_close(x.grad, x2.grad)

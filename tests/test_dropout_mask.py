@@ -1,4 +1,4 @@
-"""runlora.dropout: the seeded masks are Bernoulli(p) per entry, independent, reproducible, and
+"""runlora.ops.dropout: the seeded masks are Bernoulli(p) per entry, independent, reproducible, and
 applied exactly, whether drawn dense (per-entry uniforms) or sparse (drop positions by gaps)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runlora.dropout import SPARSE_MAX_P, DropMask, draw_mask
+from runlora.ops.dropout import SPARSE_MAX_P, DropMask, draw_mask
 
 SIGMAS = 5.0
 SPARSE = [0.01, 0.1, SPARSE_MAX_P]

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from runlora import Plan, lora_linear, plan_layer
-from runlora.variants import Problem
+from runlora.ops.variants import Problem
 
 IN_FEATURES = 12
 OUT_FEATURES = 10

@@ -14,9 +14,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import runlora  # noqa: E402
-from runlora import data  # noqa: E402
 from runlora.cli import main  # noqa: E402
-from runlora.finetune import FinetuneOptions, finetune, load_task, lora_state  # noqa: E402
+from runlora.recipes import data  # noqa: E402
+from runlora.recipes.finetune import FinetuneOptions, finetune, load_task, lora_state  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -187,7 +187,7 @@ def test_cli_writes_adapter_and_log(tmp_path, capsys):
     # the adapter loads in stock PEFT on the base the CLI built (shipped config, seed 0)
     import peft
 
-    from runlora.finetune import _load_causal_lm
+    from runlora.recipes.finetune import _load_causal_lm
 
     base, _ = _load_causal_lm("llama_tiny", FinetuneOptions().seed)
     loaded = peft.PeftModel.from_pretrained(base, out / "runlora")

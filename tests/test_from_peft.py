@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tiny_models import gpt2, llama, text_batch
 
 import runlora
-import runlora.layer
+import runlora.layers.layer
 from runlora import from_peft
 from runlora.integrations.peft import is_accelerated
 

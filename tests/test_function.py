@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runlora import BACKWARD_VARIANTS, FORWARD_VARIANTS, LAYOUTS, Plan
-from runlora.planner import plan_for
+from runlora.planning.planner import plan_for
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -134,7 +134,7 @@ def test_plan_forms(plan, lora_inputs, check_reference):
 
 def test_plan_none_runs_the_planned_pair(lora_inputs, monkeypatch):
     """plan=None asks plan_for for this call's shape and options, and runs what it returns."""
-    import runlora.function as function
+    import runlora.ops.function as function
 
     inputs = lora_inputs(X_SHAPE_3D, OUT_FEATURES, RANK, bias="frozen")
     ran = []

@@ -22,12 +22,13 @@ import pytest
 import torch
 
 import runlora
-import runlora.bench as bench
-import runlora.dropout as dropout
-import runlora.function as function
-import runlora.roofline as roofline
-import runlora.timing as timing
-from runlora.variants import LAYOUTS
+import runlora.bench.model_bench as bench
+import runlora.ops.dropout as dropout
+import runlora.ops.function as function
+import runlora.planning.clock as clock_mod
+import runlora.planning.measured as timing
+import runlora.planning.roofline as roofline
+from runlora.ops.variants import LAYOUTS
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
@@ -179,7 +180,7 @@ def test_script_with_a_gpu_listed_hands_its_options_to_the_driver(tmp_path):
 
 
 def _bench_doc(row, batch: int) -> dict:
-    """A bench JSON for ``row`` as `runlora bench` writes it, rows from runlora.bench.summarize."""
+    """A bench JSON for ``row`` as `runlora bench` writes it (rows from model_bench.summarize)."""
     peak = 2**30
 
     def arm(name, kind, ms, saved):
@@ -460,18 +461,18 @@ def test_time_call_reads_the_clock_only_after_a_cuda_sync(monkeypatch):
         events.append("clock")
         return next(ticks) * 1e-3
 
-    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=clock))
+    monkeypatch.setattr(clock_mod, "time", types.SimpleNamespace(perf_counter=clock))
     sync = Recorder(events, "sync")
     monkeypatch.setattr(torch.cuda, "synchronize", sync)
     device = torch.device("cuda")
-    ms = timing.time_call(lambda: events.append("fn"), device, budget_s=0.01, max_reps=4)
+    ms = clock_mod.time_call(lambda: events.append("fn"), device, budget_s=0.01, max_reps=4)
     assert ms > 0 and events.count("fn") >= 2
     for i, event in enumerate(events):
         if event == "fn":  # every run is followed by a sync of that device before the clock
             assert events[i + 1] == "sync"
     assert all(args == (device,) for args in sync.args)
     events.clear()
-    timing.time_call(lambda: events.append("fn"), torch.device("cpu"), budget_s=0.01, max_reps=4)
+    clock_mod.time_call(lambda: events.append("fn"), torch.device("cpu"), budget_s=0.01, max_reps=4)
     assert "sync" not in events
 
 

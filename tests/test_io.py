@@ -203,8 +203,8 @@ def test_round_trip_runlora_to_runlora(tmp_path):
 
 
 def test_save_adapter_files_is_atomic(tmp_path, monkeypatch):
-    """``save_adapter_files`` (the writer runlora.distributed uses for gathered tensors): a crash
-    mid-save leaves the previous adapter as it was."""
+    """``save_adapter_files`` (the writer integrations.distributed uses for gathered tensors): a
+    crash mid-save leaves the previous adapter as it was."""
     import safetensors.torch
 
     ours = trained(get_runlora_model(llama(), LoraConfig(r=4, target_modules=["q_proj"])))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import runlora.layer
+import runlora.layers.layer
 from runlora import Plan, RunLoRALinear
 
 IN, OUT, R, ALPHA = 16, 24, 4, 8
@@ -70,9 +70,9 @@ def test_plan_per_shape_chosen_at_first_sight(monkeypatch):
     layer = RunLoRALinear(nn.Linear(IN, OUT), R, ALPHA)
     assert "by flops at first call" in repr(layer)
     calls = []
-    real = runlora.layer.lookup_plan
+    real = runlora.layers.layer.lookup_plan
     monkeypatch.setattr(
-        runlora.layer, "lookup_plan", lambda n, *a, **k: calls.append(n) or real(n, *a, **k)
+        runlora.layers.layer, "lookup_plan", lambda n, *a, **k: calls.append(n) or real(n, *a, **k)
     )
     layer(torch.randn(2, 3, IN))
     layer(torch.randn(700, IN))
@@ -231,9 +231,9 @@ def test_a_registered_base_kind_is_sized_from_its_handler():
             super().__init__()
             self.w = nn.Parameter(torch.randn(48, 32), requires_grad=False)
 
-    saved = list(runlora.layer._BASE_KINDS)
+    saved = list(runlora.layers.layer._BASE_KINDS)
     try:
-        runlora.layer.register_base_kind(
+        runlora.layers.layer.register_base_kind(
             lambda m: isinstance(m, Stored), lambda m, fan_in_fan_out: (m.w, None, None)
         )
         layer = RunLoRALinear(Stored(), 4, 8, init_lora_weights=False)
@@ -242,4 +242,4 @@ def test_a_registered_base_kind_is_sized_from_its_handler():
         want = x @ layer.base_layer.w.t() + layer.delta_weight().matmul(x.t()).t()
         torch.testing.assert_close(layer(x), want)
     finally:
-        runlora.layer._BASE_KINDS[:] = saved
+        runlora.layers.layer._BASE_KINDS[:] = saved

@@ -13,7 +13,7 @@ from conftest import count_op_calls
 from tiny_models import llama, text_batch
 
 import runlora
-import runlora.layer
+import runlora.layers.layer
 from runlora.integrations.peft import is_accelerated
 
 peft = pytest.importorskip("peft")

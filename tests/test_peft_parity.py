@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tiny_models import gpt2, image_batch, llama, loss_of, minilm, text_batch, vit
 
 import runlora
-import runlora.layer
+import runlora.layers.layer
 from runlora.integrations.peft import is_accelerated
 
 peft = pytest.importorskip("peft")
@@ -86,13 +86,13 @@ def lora_layers(model) -> dict:
 def record_op_calls(monkeypatch) -> list:
     """The base weight (its data_ptr) of every call of runlora's op."""
     calls = []
-    real = runlora.layer.run_adapter
+    real = runlora.layers.layer.run_adapter
 
     def recording(x, base_args, *args, **kwargs):
         calls.append(base_args[0].data_ptr())
         return real(x, base_args, *args, **kwargs)
 
-    monkeypatch.setattr(runlora.layer, "run_adapter", recording)
+    monkeypatch.setattr(runlora.layers.layer, "run_adapter", recording)
     return calls
 
 

@@ -16,7 +16,7 @@ from conftest import count_op_calls
 from tiny_models import llama, text_batch
 
 import runlora
-import runlora.layer
+import runlora.layers.layer
 from runlora.integrations.peft import is_accelerated
 
 peft = pytest.importorskip("peft")
@@ -44,13 +44,13 @@ def test_bf16_base_with_pefts_fp32_adapters(monkeypatch):
     layers = lora_layers(ours)
     assert all(is_accelerated(m) for m in layers.values())
     dtypes = []
-    real = runlora.layer.lora_linear
+    real = runlora.layers.layer.lora_linear
 
     def recording(x, weight, lora_a, lora_b, *args, **kwargs):
         dtypes.append((x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype))
         return real(x, weight, lora_a, lora_b, *args, **kwargs)
 
-    monkeypatch.setattr(runlora.layer, "lora_linear", recording)
+    monkeypatch.setattr(runlora.layers.layer, "lora_linear", recording)
     batch = text_batch()
     logits = []
     for model in (reference, ours):

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import runlora
-from runlora import cache as cache_mod
-from runlora import timing
-from runlora.cache import PlanCache
-from runlora.planner import Plan, candidates
-from runlora.variants import Problem
+from runlora.ops.variants import Problem
+from runlora.planning import cache as cache_mod
+from runlora.planning import measured as timing
+from runlora.planning.cache import PlanCache
+from runlora.planning.planner import Plan, candidates
 
 
 @pytest.fixture(autouse=True)
@@ -192,7 +192,7 @@ def test_clear_cache_cli(isolated_cache, capsys):
 
 
 def test_cache_key_separates_devices_dtypes_and_flags():
-    from runlora.cache import plan_key
+    from runlora.planning.cache import plan_key
 
     p = Problem(64, 8, 8, 2)
     keys = {

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import runlora.ops.function as op_module
 from runlora import BACKWARD_VARIANTS, FORWARD_VARIANTS, Plan, lora_linear
-from runlora import function as op_module
-from runlora.planner import candidates, pair_cost, plan_for
-from runlora.quant import quant_provider, quantize_model, require_bitsandbytes
-from runlora.variants import Problem
+from runlora.layers.quant import quant_provider, quantize_model, require_bitsandbytes
+from runlora.ops.variants import Problem
+from runlora.planning.planner import plan_for
+from runlora.planning.scoring import candidates, pair_cost
 
 try:
     import bitsandbytes as bnb
@@ -344,7 +345,7 @@ def _quant_storage(layer: nn.Module) -> list[Tensor]:
 @pytest.mark.parametrize("host", ["peft", "runlora_linear"])
 @pytest.mark.parametrize("quant", QUANTS, ids=str)
 def test_quantized_storage_is_bit_identical_after_training(quant, host):
-    from runlora.layer import RunLoRALinear
+    from runlora.layers.layer import RunLoRALinear
 
     base = _base(quant, torch.float32)
     if host == "peft":
@@ -370,7 +371,7 @@ def test_quantized_storage_is_bit_identical_after_training(quant, host):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("quant", QUANTS, ids=str)
 def test_runlora_linear_on_a_quantized_base_matches_peft(quant, dtype):
-    from runlora.layer import RunLoRALinear
+    from runlora.layers.layer import RunLoRALinear
 
     _skip_without_int8_matmul(quant)
     peft_layer = _peft_layer(_base(quant, dtype), dtype)
@@ -417,10 +418,12 @@ def test_peft_bnb_layer_runs_runlora_and_matches_peft(quant, dtype, monkeypatch)
     y_peft = layer(x)
     ref.check(y_peft, torch.autograd.grad(y_peft, (x, a, b), dy), dtype, "PEFT")
     _accelerated(layer)
-    import runlora.layer
+    import runlora.layers.layer
 
     calls = []
-    monkeypatch.setattr(runlora.layer, "lora_linear", _counting(calls, runlora.layer.lora_linear))
+    monkeypatch.setattr(
+        runlora.layers.layer, "lora_linear", _counting(calls, runlora.layers.layer.lora_linear)
+    )
     for plan in [None, *ALL_PAIRS]:
         layer.plan = None if plan is None else Plan(*plan)
         calls.clear()

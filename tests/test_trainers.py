@@ -21,7 +21,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 import runlora  # noqa: E402
 from runlora.integrations.peft import is_accelerated  # noqa: E402
-from runlora.layer import LoRAEngine  # noqa: E402
+from runlora.layers.layer import LoRAEngine  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

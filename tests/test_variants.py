@@ -11,10 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-import runlora.planner as planner
+import runlora.planning.planner as planner
 from runlora import BACKWARD_VARIANTS, FORWARD_VARIANTS, Plan, lora_linear, plan_layer
-from runlora.planner import bucket_tokens, candidates, pair_cost, plan_for
-from runlora.variants import Problem, resolve_backward, resolve_forward
+from runlora.ops.variants import Problem, resolve_backward, resolve_forward
+from runlora.planning.planner import bucket_tokens, plan_for
+from runlora.planning.scoring import candidates, pair_cost
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

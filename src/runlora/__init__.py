@@ -9,10 +9,7 @@ PEFT's own ``PeftModel``; runlora is the engine of their LoRA layers::
     runlora.patch_peft()          # every LoRA layer PEFT (or TRL, ...) builds runs runlora's op
 """
 
-from . import roofline as _roofline  # noqa: F401  (registers the "roofline" criterion)
-from . import timing as _timing  # noqa: F401  (registers the "time" criterion)
 from .config import LoraConfig
-from .function import lora_linear
 from .integrations.peft import (
     describe,
     from_peft,
@@ -21,9 +18,12 @@ from .integrations.peft import (
     patch_peft,
     unpatch_peft,
 )
-from .layer import RunLoRALinear
-from .planner import CRITERIA, Plan, plan_layer
-from .variants import BACKWARD_VARIANTS, FORWARD_VARIANTS, LAYOUTS
+from .layers import RunLoRALinear
+from .ops import BACKWARD_VARIANTS, FORWARD_VARIANTS, LAYOUTS, Plan, lora_linear, set_plan_resolver
+from .planning import CRITERIA, default_plan, plan_layer
+
+# The op knows no planner: lora_linear(plan=None) plans by FLOPs through runlora.planning.
+set_plan_resolver(default_plan)
 
 __version__ = "0.2.0"
 

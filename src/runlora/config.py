@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields
 
-from .planner import CRITERIA
+from .planning.planner import CRITERIA
 
 __all__ = ["LoraConfig", "PEFT_ONLY_FEATURES"]
 

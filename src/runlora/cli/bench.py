@@ -19,7 +19,7 @@ DEFAULT_MODELS = ("llama_20m", "llama_60m")
 
 
 def add_parser(sub, name: str) -> None:
-    from ..bench import BenchSettings
+    from ..bench.model_bench import BenchSettings
 
     d = BenchSettings()
     p = sub.add_parser(
@@ -145,7 +145,7 @@ def _list_configs() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import (
+    from ..bench.model_bench import (
         BenchError,
         BenchSettings,
         format_table,

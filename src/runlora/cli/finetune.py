@@ -81,9 +81,9 @@ def _pct(value: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import data
-    from ..finetune import FinetuneOptions, finetune, summary_line
-    from ..planner import CRITERIA
+    from ..planning.planner import CRITERIA
+    from ..recipes import data
+    from ..recipes.finetune import FinetuneOptions, finetune, summary_line
 
     if args.criterion not in CRITERIA:
         raise CliError(f"unknown --criterion {args.criterion!r}; known: {', '.join(CRITERIA)}")

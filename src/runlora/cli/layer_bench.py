@@ -28,7 +28,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def add_parser(sub, name: str) -> None:
-    from ..layer_bench import LayerSettings
+    from ..bench.layer_bench import LayerSettings
 
     d = LayerSettings()
     p = sub.add_parser(
@@ -95,14 +95,14 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import BenchError, environment, resolve_device, write_csv_json
-    from ..layer_bench import (
+    from ..bench.layer_bench import (
         LayerSettings,
         format_layer_table,
         layer_arms,
         measure_layer,
         variant_arms,
     )
+    from ..bench.model_bench import BenchError, environment, resolve_device, write_csv_json
 
     settings = LayerSettings(
         n_tokens=args.n_tokens,

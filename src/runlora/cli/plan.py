@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..cache import default_cache
-from ..planner import CRITERIA, plan_layer
-from ..variants import BACKWARD_VARIANTS, FORWARD_VARIANTS, Problem
+from ..ops.variants import BACKWARD_VARIANTS, FORWARD_VARIANTS, Problem
+from ..planning.cache import default_cache
+from ..planning.planner import CRITERIA, plan_layer
 from . import CliError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -37,9 +37,9 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from ..config import LoraConfig as _RunLoRAConfig
-from ..layer import LoRAEngine, RunLoRALinear, base_args_fn, is_supported_base
-from ..planner import CRITERIA
-from ..routing import BASE, Routing, mixed_batch_forward
+from ..layers.layer import LoRAEngine, RunLoRALinear, base_args_fn, is_supported_base
+from ..layers.routing import BASE, Routing, mixed_batch_forward
+from ..planning.planner import CRITERIA
 
 __all__ = [
     "get_runlora_model",

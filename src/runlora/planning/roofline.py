@@ -18,13 +18,13 @@ import math
 
 import torch
 
+from ..ops.products import db_from_la, la_product, z_product
+from ..ops.variants import LAYOUTS, Problem, Product
 from .cache import default_cache, device_key
-from .function import _db_from_la, _la, _z
-from .planner import pair_cost, register_criterion, scored_plan
-from .timing import time_call
-from .variants import LAYOUTS, BackwardVariant, Problem, Product
+from .clock import time_call
+from .scoring import pair_cost, scored_plan
 
-__all__ = ["calibrate", "predict_ms", "predict_halves"]
+__all__ = ["calibrate", "predict_ms", "predict_halves", "by_roofline"]
 
 _MEASURED: dict[str, dict] = {}
 _LAYOUT_FORMS = {"Z = dY B", "dB = dYᵀ (L Aᵀ)"}
@@ -53,7 +53,7 @@ def _skinny_forms(n: int, d: int, r: int, dtype, device) -> dict:
     x, dy, a, b = rnd(n, d), rnd(n, d), rnd(r, d), rnd(d, r)
     z, la, gm, w = rnd(n, r), rnd(n, r), rnd(d, d), rnd(d, d)
     forms = {
-        "L Aᵀ": (Product("L Aᵀ", n, r, d), lambda: _la(x, a)),
+        "L Aᵀ": (Product("L Aᵀ", n, r, d), lambda: la_product(x, a)),
         "dA = Zᵀ L": (Product("", r, d, n), lambda: z.t() @ x),
         "dA = Bᵀ G": (Product("", r, d, d), lambda: b.t() @ gm),
         "dB = G Aᵀ": (Product("", d, r, d), lambda: gm @ a.t()),
@@ -64,11 +64,11 @@ def _skinny_forms(n: int, d: int, r: int, dtype, device) -> dict:
     for layout in LAYOUTS:
         forms[_form("Z = dY B", layout)] = (
             Product("", n, r, d),
-            lambda layout=layout: _z(dy, b, layout),
+            lambda layout=layout: z_product(dy, b, layout),
         )
         forms[_form("dB = dYᵀ (L Aᵀ)", layout)] = (
             Product("", d, r, n),
-            lambda layout=layout: _db_from_la(dy, la, layout),
+            lambda layout=layout: db_from_la(dy, la, layout),
         )
     return forms
 
@@ -159,12 +159,7 @@ def predict_halves(problem: Problem, pairs, dtype, device):
     return fwd_ms, bwd_ms
 
 
-def _peak(bwd: BackwardVariant, problem: Problem) -> int:
-    return bwd.cost(problem).peak_elements
-
-
-@register_criterion("roofline")
-def _by_roofline(problem, pairs, dtype, device):
+def by_roofline(problem, pairs, dtype, device):
     dtype = dtype or torch.float32
     fwd_ms, bwd_ms = predict_halves(problem, pairs, dtype, torch.device(device))
     scored = []

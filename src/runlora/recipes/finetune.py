@@ -146,7 +146,7 @@ class RunResult:
 
 
 def _target_modules(options: FinetuneOptions, model: nn.Module) -> list[str]:
-    from .configs import default_target_modules
+    from ..configs import default_target_modules
 
     if options.target_modules:
         return options.target_modules
@@ -157,7 +157,7 @@ def _target_modules(options: FinetuneOptions, model: nn.Module) -> list[str]:
 
 
 def _check_seq_len(seq_len: int, config, what: str) -> None:
-    from .configs import max_seq_len
+    from ..configs import max_seq_len
 
     limit = max_seq_len(config)
     if limit is not None and seq_len > limit:
@@ -169,7 +169,7 @@ def _load_causal_lm(name: str, seed: int):
     shipped config name or config JSON file with weights drawn from ``seed``."""
     from transformers import AutoModelForCausalLM
 
-    from .configs import build_model, load_config
+    from ..configs import build_model, load_config
 
     path = Path(name).expanduser()
     if path.is_dir():

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import configs
+from .. import configs
 
 __all__ = [
     "BenchSettings",
@@ -102,7 +102,7 @@ class BenchSettings:
 
     def check(self) -> None:
         """Raise ValueError, with what to do, on any setting that cannot run."""
-        from .planner import CRITERIA
+        from ..planning.planner import CRITERIA
 
         for name in ("batch_size", "seq_len", "r", "warmup_rounds", "min_rounds", "max_rounds"):
             value = getattr(self, name)
@@ -140,7 +140,7 @@ class BenchSettings:
                     f"--quant {self.quant} needs runlora.quant, which this install "
                     "lacks; use --quant none"
                 )
-            from .quant import require_bitsandbytes
+            from ..layers.quant import require_bitsandbytes
 
             try:
                 require_bitsandbytes()
@@ -555,8 +555,8 @@ def build_arms(
     """The floor, PEFT and one runlora arm per criterion, sharing ``model``'s weights."""
     import peft
 
-    from .config import LoraConfig
-    from .integrations.peft import describe, get_runlora_model
+    from ..config import LoraConfig
+    from ..integrations.peft import describe, get_runlora_model
 
     model.requires_grad_(False)
     exclude = _storage_ptrs((*model.parameters(), *model.buffers()))
@@ -630,7 +630,7 @@ def bench_model(
     _check_targets(model, targets, name_or_path)
     n_params = sum(p.numel() for p in model.parameters())
     if settings.quant != "none":
-        from .quant import quantize_model
+        from ..layers.quant import quantize_model
 
         quantize_model(model, int(settings.quant[0]), compute_dtype=settings.torch_dtype)
     batch = _make_batch(config, task, settings)

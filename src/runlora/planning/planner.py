@@ -1,30 +1,24 @@
 """Choosing a (forward, backward, layout) triple per layer shape.
 
-The planner knows shapes, not modules. A criterion is a function that scores candidate pairs for
-a ``Problem``; ``plan_layer`` keeps the best. ``"flops"`` needs no device; further criteria
-register themselves in ``CRITERIA`` and callers do not change.
+The planner knows shapes, not modules. A criterion scores candidate pairs for a ``Problem``
+(``scoring``); ``plan_layer`` keeps the best. The built-in criteria are listed in ``CRITERIA``
+below: ``"flops"`` (device-free), ``"roofline"`` (``roofline``) and ``"time"`` (``measured``);
+``register_criterion`` adds your own.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import torch
 
+from ..ops.plan import Plan
+from ..ops.variants import Problem
 from .cache import default_cache, plan_key
-from .variants import (
-    BACKWARD_VARIANTS,
-    FORWARD_VARIANTS,
-    LAYOUTS,
-    BackwardVariant,
-    Cost,
-    ForwardVariant,
-    Problem,
-    resolve_backward,
-    resolve_forward,
-)
+from .measured import by_time
+from .roofline import by_roofline
+from .scoring import by_flops, candidates
 
 __all__ = [
     "Plan",
@@ -32,158 +26,30 @@ __all__ = [
     "plan_for",
     "bucket_tokens",
     "CRITERIA",
-    "candidates",
-    "pair_cost",
-    "as_plan",
+    "register_criterion",
     "install_plans",
+    "clear_plan_memo",
 ]
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One planned (forward, backward) pair for one layer shape.
-
-    Attributes:
-        forward, backward: variant names (paper aliases such as ``"F2"``/``"B5"`` are accepted and
-            stored under their full names).
-        layout: ``"tuned"`` or ``"autograd"`` (see ``runlora.variants``).
-        flops: predicted matrix-product FLOPs of forward + backward, or None for a hand-made plan.
-        bytes: predicted bytes moved by those products.
-        criterion: what chose it (``"flops"``, ``"time"``, ``"roofline"``, ``"manual"``).
-        predicted_ms, measured_ms: per-criterion figures for the chosen pair, if any.
-        reason: one line on why this pair won.
-    """
-
-    forward: str
-    backward: str
-    layout: str = "tuned"
-    flops: int | None = None
-    bytes: int | None = None
-    criterion: str = "manual"
-    predicted_ms: float | None = None
-    measured_ms: float | None = None
-    reason: str = field(default="", compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "forward", resolve_forward(self.forward).name)
-        object.__setattr__(self, "backward", resolve_backward(self.backward).name)
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {self.layout!r}; known: {', '.join(LAYOUTS)}")
-
-    @property
-    def forward_variant(self) -> ForwardVariant:
-        return FORWARD_VARIANTS[self.forward]
-
-    @property
-    def backward_variant(self) -> BackwardVariant:
-        return BACKWARD_VARIANTS[self.backward]
-
-    @property
-    def merged(self) -> bool:
-        """True if either half folds s·BA into the base weight (not allowed with dropout)."""
-        return self.forward_variant.merged or self.backward_variant.merged
-
-    def to_dict(self) -> dict:
-        return {
-            "forward": self.forward,
-            "backward": self.backward,
-            "layout": self.layout,
-            "flops": self.flops,
-            "bytes": self.bytes,
-            "criterion": self.criterion,
-            "predicted_ms": self.predicted_ms,
-            "measured_ms": self.measured_ms,
-            "reason": self.reason,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Plan:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-
-def _check_dropout(plan: Plan, dropout: bool) -> None:
-    if dropout and plan.merged:
-        half = plan.forward if plan.forward_variant.merged else plan.backward
-        raise ValueError(
-            f"variant {half!r} merges s·BA into the base weight, which is only exact without "
-            "dropout: the LoRA branch sees dropout(x) while the base sees x. Use a split order "
-            "(forward 'sequential'/'lowrank_first', backward '*_split'), dropout=0, or plan=None"
-        )
-
-
-def as_plan(plan: Plan | tuple[str, str] | list, *, dropout: bool = False) -> Plan:
-    """A ``Plan`` from a Plan or a ``(forward_name, backward_name)`` pair, checked for dropout."""
-    if isinstance(plan, Plan):
-        result = plan
-    elif isinstance(plan, (tuple, list)) and len(plan) in (2, 3):
-        result = Plan(*plan)
-    else:
-        raise TypeError(
-            "plan must be a runlora.Plan, a (forward_name, backward_name) tuple or None, "
-            f"got {plan!r}"
-        )
-    _check_dropout(result, dropout)
-    return result
-
-
-def candidates(problem: Problem) -> Iterable[tuple[ForwardVariant, BackwardVariant]]:
-    """Every (forward, backward) pair that is exact for ``problem``."""
-    for fwd in FORWARD_VARIANTS.values():
-        if problem.dropout and fwd.merged:
-            continue
-        for bwd in BACKWARD_VARIANTS.values():
-            if problem.dropout and bwd.merged:
-                continue
-            yield fwd, bwd
-
-
-def pair_cost(fwd: ForwardVariant, bwd: BackwardVariant, problem: Problem) -> Cost:
-    """The products of forward + backward of one pair on ``problem``."""
-    return fwd.cost(problem) + bwd.cost(problem)
 
 
 Scorer = Callable[[Problem, list, "torch.dtype", str], list]
 #: criterion name -> function(problem, pairs, dtype, device) -> list of (score, Plan) per pair;
 #: ``plan_layer`` keeps the lowest score.
-CRITERIA: dict[str, Scorer] = {}
+CRITERIA: dict[str, Scorer] = {
+    "flops": by_flops,
+    "roofline": by_roofline,
+    "time": by_time,
+}
 
 
 def register_criterion(name: str) -> Callable[[Scorer], Scorer]:
+    """A decorator that adds ``fn`` to ``CRITERIA`` under ``name`` (for criteria of your own)."""
+
     def deco(fn: Scorer) -> Scorer:
         CRITERIA[name] = fn
         return fn
 
     return deco
-
-
-def scored_plan(fwd, bwd, layout: str, problem: Problem, dtype, criterion: str, **fields) -> Plan:
-    """A ``Plan`` for one candidate pair with its FLOP and byte counts filled in."""
-    cost = pair_cost(fwd, bwd, problem)
-    size = _itemsize(dtype)
-    return Plan(fwd.name, bwd.name, layout, cost.flops, cost.bytes(size), criterion, **fields)
-
-
-def _itemsize(dtype: torch.dtype | None) -> int:
-    return torch.empty((), dtype=dtype or torch.float32).element_size()
-
-
-@register_criterion("flops")
-def _by_flops(problem, pairs, dtype, device):
-    size = _itemsize(dtype)
-    scored = []
-    for fwd, bwd in pairs:
-        cost = pair_cost(fwd, bwd, problem)
-        plan = Plan(
-            fwd.name,
-            bwd.name,
-            "tuned",
-            cost.flops,
-            cost.bytes(size),
-            "flops",
-            reason=f"fewest FLOPs ({cost.flops:.3g}), then fewest bytes, then lowest peak",
-        )
-        scored.append(((cost.flops, cost.bytes(size), cost.peak_elements), plan))
-    return scored
 
 
 def _positive(name: str, value) -> int:
@@ -392,3 +258,20 @@ def install_plans(
         default_cache().put_many("plans", items)
     clear_plan_memo()
     return len(items)
+
+
+def default_plan(problem: Problem, dtype: torch.dtype | None, device) -> Plan:
+    """The plan ``lora_linear(plan=None)`` runs (``runlora.ops.set_plan_resolver``): by FLOPs,
+    bucketed and memoised as in ``plan_for``."""
+    return plan_for(
+        problem.n,
+        problem.in_features,
+        problem.out_features,
+        problem.r,
+        needs_input_grad=problem.needs_input_grad,
+        bias=problem.bias,
+        dropout=0.1 if problem.dropout else 0.0,
+        dtype=dtype,
+        device=device,
+        quantized=problem.quantized,
+    )

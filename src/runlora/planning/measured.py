@@ -10,53 +10,22 @@ large layer costs a handful of runs, not sixty-four.
 from __future__ import annotations
 
 import os
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
-from .dropout import draw_mask
-from .function import run_backward, run_forward
-from .planner import pair_cost, register_criterion, scored_plan
-from .variants import LAYOUTS, Problem
+from ..ops.dropout import draw_mask
+from ..ops.function import run_backward, run_forward
+from ..ops.variants import LAYOUTS, Problem
+from . import roofline
+from .clock import time_call
+from .scoring import pair_cost, scored_plan
 
-__all__ = ["time_call", "measure_halves", "TIME_BUDGET_S"]
+__all__ = ["measure_halves", "by_time", "TIME_BUDGET_S"]
 
 #: seconds of measurement per layer shape for the "time" criterion (RUNLORA_TIME_BUDGET overrides).
 TIME_BUDGET_S = float(os.environ.get("RUNLORA_TIME_BUDGET", "2.0"))
 #: time only candidates predicted within this factor of the best prediction.
 PRUNE = 1.25
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(
-    fn: Callable[[], object], device: torch.device, budget_s: float, max_reps: int = 25
-) -> float:
-    """Median milliseconds of ``fn()`` after one warm-up, repeated within ``budget_s`` (≥ 1 run).
-
-    When the warm-up alone takes the whole budget, its time is the answer (large shapes on CPU).
-    """
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    first = time.perf_counter() - t0
-    if first > budget_s:
-        return first * 1e3
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_reps:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s and len(times) >= 1:
-            break
-    return statistics.median(times) * 1e3
 
 
 def _operands(problem: Problem, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -117,13 +86,11 @@ def measure_halves(
     return fwd_ms, bwd_ms
 
 
-@register_criterion("time")
-def _by_time(problem, pairs, dtype, device):
-    from .roofline import predict_halves
+def by_time(problem, pairs, dtype, device):
 
     dev = torch.device(device)
     dtype = dtype or torch.float32
-    fwd_pred, bwd_pred = predict_halves(problem, pairs, dtype, dev)
+    fwd_pred, bwd_pred = roofline.predict_halves(problem, pairs, dtype, dev)
     best_f = min(fwd_pred.values())
     best_b = min(bwd_pred.values())
     forwards = {f.name: f for f, _ in pairs}

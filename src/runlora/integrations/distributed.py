@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .cache import default_cache, device_key
-from .planner import Plan, bucket_tokens, install_plans, plan_for
+from ..planning.cache import default_cache, device_key
+from ..planning.planner import Plan, bucket_tokens, install_plans, plan_for
 
 __all__ = [
     "PlanRequest",
@@ -88,7 +88,7 @@ class PlanRequest:
 def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, layer)`` for each layer that runs the op and plans by itself (a
     ``RunLoRALinear``, or a PEFT layer runlora accelerates) and has an adapter to run."""
-    from .layer import LoRAEngine
+    from ..layers.layer import LoRAEngine
 
     for name, module in model.named_modules():
         if isinstance(module, LoRAEngine) and module.plan is None and module._live_adapters():
@@ -96,7 +96,7 @@ def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _layer_request(layer: nn.Module, n_tokens: int, needs_input_grad: bool) -> PlanRequest:
-    from .layer import _dropout_p, full_shape
+    from ..layers.layer import _dropout_p, full_shape
 
     adapters = layer._op_adapters(layer._live_adapters())
     _, bias, quant = layer._base_weight_args()
@@ -236,7 +236,7 @@ def sync_plans(
     if any(req.criterion != "flops" for req in requests):
         payload: list = [None]
         if rank == src:
-            from .roofline import calibrate
+            from ..planning.roofline import calibrate
 
             calibration = calibrate(dtype, device)
             plans = [req.plan(dtype, device).to_dict() for req in requests]
@@ -357,7 +357,7 @@ def save_adapter(
     Returns:
         The directory on rank 0, None on the other ranks.
     """
-    from .integrations.peft import save_adapter_files
+    from .peft import save_adapter_files
 
     inner = _unwrap(model)
     if adapter_name not in getattr(inner, "peft_config", {}):

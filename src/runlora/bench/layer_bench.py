@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bench import DTYPES, MIB, Clock, interleave, saved_tensor_bytes
-from .function import lora_linear
-from .planner import Plan, candidates, pair_cost, plan_layer
-from .variants import LAYOUTS, Problem
+from ..ops.function import lora_linear
+from ..ops.variants import LAYOUTS, Problem
+from ..planning.planner import Plan, plan_layer
+from ..planning.scoring import candidates, pair_cost
+from .model_bench import DTYPES, MIB, Clock, interleave, saved_tensor_bytes
 
 __all__ = [
     "LayerSettings",
@@ -57,8 +58,8 @@ class LayerSettings:
 
     def check(self) -> None:
         """Raise ValueError, saying what to change, on settings that cannot run."""
-        from .bench import BenchError, BenchSettings
-        from .planner import CRITERIA
+        from ..planning.planner import CRITERIA
+        from .model_bench import BenchError, BenchSettings
 
         sizes = [
             ("n tokens", self.n_tokens),

@@ -15,48 +15,28 @@ import torch
 from torch import Tensor
 
 from .dropout import DropMask, draw_mask
-from .planner import Plan, as_plan, plan_for
-from .variants import BackwardVariant, ForwardVariant
+from .plan import Plan, as_plan
+from .products import addmm_into, db_from_la, la_product, merge_weight, z_product
+from .variants import BackwardVariant, ForwardVariant, Problem
 
-__all__ = ["lora_linear"]
+__all__ = ["lora_linear", "run_forward", "run_backward", "set_plan_resolver", "PlanResolver"]
 
 WeightFn = Callable[[], Tensor]
 
-
-# --- the products, in each layout ---------------------------------------------------------
-
-
-def _z(dy: Tensor, b: Tensor, layout: str) -> Tensor:
-    """Z = dY B, ``(N, r)``. The tuned form puts the skinny operand on the left."""
-    if layout == "tuned":
-        return (b.t() @ dy.t()).t()
-    return dy @ b
+#: ``resolver(problem, dtype, device) -> Plan``: what ``lora_linear(plan=None)`` runs.
+PlanResolver = Callable[[Problem, torch.dtype, torch.device], Plan]
+_plan_resolver: PlanResolver | None = None
 
 
-def _la(lx: Tensor, a: Tensor) -> Tensor:
-    """L Aᵀ, ``(N, r)``."""
-    return lx @ a.t()
+def set_plan_resolver(resolver: PlanResolver | None) -> PlanResolver | None:
+    """Set what plans a call of ``lora_linear(plan=None)``; returns the previous resolver.
 
-
-def _db_from_la(dy: Tensor, la: Tensor, layout: str) -> Tensor:
-    """dYᵀ (L Aᵀ), ``(out, r)``."""
-    if layout == "tuned":
-        return (la.t() @ dy).t()
-    return dy.t() @ la
-
-
-def _merge(w: Tensor, a: Tensor, b: Tensor, s: float, w_owned: bool = False) -> Tensor:
-    """W + s·B A, ``(out, in)``: in a fresh buffer, or into ``w`` itself when the caller owns it
-    (a freshly dequantized weight), which saves an ``(out, in)`` allocation."""
-    if w_owned:
-        return _addmm_into(w, b, a, alpha=s)
-    return torch.addmm(w, b, a, alpha=s)
-
-
-def _addmm_into(c: Tensor, m1: Tensor, m2: Tensor, *, beta: float = 1.0, alpha: float = 1.0):
-    """c = beta·c + alpha·m1 @ m2 in place. Written as ``addmm(out=c)`` rather than ``addmm_``
-    so that FlopCounterMode, which does not know the in-place overload, counts it."""
-    return torch.addmm(c, m1, m2, beta=beta, alpha=alpha, out=c)
+    The op knows no planner: ``runlora/__init__.py`` installs ``runlora.planning``'s default
+    (FLOPs, cached per shape) when the package is imported.
+    """
+    global _plan_resolver
+    previous, _plan_resolver = _plan_resolver, resolver
+    return previous
 
 
 # --- dropout, regenerated from a seed ------------------------------------------------------
@@ -71,11 +51,6 @@ def _draw_mask(x2d: Tensor, p: float, seed: int) -> DropMask:
     """The dropout mask for ``x2d`` drawn from ``seed`` (see ``runlora.dropout``). Forward and
     backward both call this, so a test can swap it to check that backward sees forward's mask."""
     return draw_mask(x2d, p, seed)
-
-
-def _keep_mask(x2d: Tensor, p: float, seed: int) -> Tensor:
-    """The keep mask ``(N, in)`` (bool) the op uses for ``seed``: same seed, same mask."""
-    return _draw_mask(x2d, p, seed).keep()
 
 
 # --- forward and backward orders -----------------------------------------------------------
@@ -98,20 +73,20 @@ def run_forward(
     Returns (Y, X Aᵀ or None when the order does not form it).
     """
     if fwd.name == "merged":
-        return torch.nn.functional.linear(x2d, _merge(w, a, b, s, w_owned), bias), None
+        return torch.nn.functional.linear(x2d, merge_weight(w, a, b, s, w_owned), bias), None
     if fwd.name == "merged_t":
         if w_owned:
-            wt = _addmm_into(w.t(), a.t(), b.t(), alpha=s)  # (in, out), in w's buffer
+            wt = addmm_into(w.t(), a.t(), b.t(), alpha=s)  # (in, out), in w's buffer
         else:
             wt = torch.addmm(w.t(), a.t(), b.t(), alpha=s)  # (in, out)
         y = x2d @ wt if bias is None else torch.addmm(bias, x2d, wt)
         return y, None
-    la = _la(lx, a)  # (N, r)
+    la = la_product(lx, a)  # (N, r)
     if fwd.name == "sequential":
         y = torch.nn.functional.linear(x2d, w, bias)
-        return _addmm_into(y, la, b.t(), alpha=s), la
+        return addmm_into(y, la, b.t(), alpha=s), la
     y = la @ b.t()  # lowrank_first: (N, out)
-    _addmm_into(y, x2d, w.t(), beta=s)
+    addmm_into(y, x2d, w.t(), beta=s)
     if bias is not None:
         y.add_(bias)
     return y, la
@@ -141,15 +116,15 @@ def run_backward(
     returns a fresh buffer each call, which the merged orders may overwrite.
     """
     need_z = (need_lora and bwd.da_from == "Z") or (need_x and bwd.dx == "split")
-    z = _z(dy, b, layout) if need_z else None  # (N, r)
+    z = z_product(dy, b, layout) if need_z else None  # (N, r)
 
     def input_grad() -> Tensor:
         w = weight_fn()
         if bwd.dx == "merged":
-            return dy @ _merge(w, a, b, s, w_owned)
+            return dy @ merge_weight(w, a, b, s, w_owned)
         dx = dy @ w  # (N, in)
         if mask is None:
-            return _addmm_into(dx, z, a, alpha=s)
+            return addmm_into(dx, z, a, alpha=s)
         return mask.add_masked_(dx, z @ a, s)  # dY W + s·(Z A) ⊙ keep
 
     dx = input_grad() if need_x and bwd.dx_first else None
@@ -161,7 +136,7 @@ def run_backward(
         else:
             da = b.t() @ g
         if bwd.db_from == "LA":
-            db = _db_from_la(dy, la if la is not None else _la(lx, a), layout)
+            db = db_from_la(dy, la if la is not None else la_product(lx, a), layout)
         else:
             db = g @ a.t()
         del g
@@ -419,18 +394,20 @@ def lora_linear(
     n = max(1, x.numel() // x.shape[-1])
     out_f, in_f = weight.shape if quant is None else quant.shape
     if plan is None:
-        plan = plan_for(
+        if _plan_resolver is None:
+            raise RuntimeError("no plan resolver installed: pass plan=, or import runlora")
+        problem = Problem(
             n,
             in_f,
             out_f,
             lora_A.shape[0],
             needs_input_grad=needs_x,
             bias=bias is not None,
-            dropout=p,
-            dtype=x.dtype,
-            device=x.device,
+            bias_grad=False,
+            dropout=p > 0.0,
             quantized=quant is not None,
         )
+        plan = _plan_resolver(problem, x.dtype, x.device)
     else:
         plan = as_plan(plan, dropout=p > 0.0)
     # Autocast would otherwise cast some products inside the Function and not others.

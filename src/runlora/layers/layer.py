@@ -28,9 +28,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .function import lora_linear
-from .plan_lookup import lookup_plan, token_bucket
-from .planner import CRITERIA, Plan, as_plan
+from ..ops.function import lora_linear
+from ..ops.plan import Plan, as_plan
+from ..planning.lookup import lookup_plan, token_bucket
+from ..planning.planner import CRITERIA
 from .quant import base_handler as _quantized_handler
 from .routing import Routing, mixed_batch_forward
 

@@ -166,7 +166,7 @@ class QuantizedWeight:
 
     def check(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Tensor | None) -> None:
         """The op's argument checks, with this weight's shape and device standing in for W."""
-        from .function import _check
+        from ..ops.function import _check
 
         if self.weight.requires_grad:
             raise ValueError(
