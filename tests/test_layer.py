@@ -162,7 +162,7 @@ def test_unsupported_base_is_refused(make, match):
     ("kwargs", "match"),
     [
         ({"r": 0}, "r must be a positive int, got 0"),
-        ({"lora_dropout": 1.5}, r"lora_dropout must be in \[0, 1\)"),
+        ({"lora_dropout": 1.5}, r"lora_dropout must be a float in \[0, 1\)"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights must be True, False or 'gaussian'"),
         ({"criterion": "nope"}, "unknown criterion 'nope'"),
     ],

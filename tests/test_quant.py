@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import subprocess
 import sys
 import weakref
 from collections import OrderedDict
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import runlora.ops.function as op_module
-from runlora import BACKWARD_VARIANTS, FORWARD_VARIANTS, Plan, lora_linear
+from runlora import BACKWARD_VARIANTS, FORWARD_VARIANTS, Plan, RunLoRALinear, lora_linear
 from runlora.layers.quant import quant_provider, quantize_model, require_bitsandbytes
 from runlora.ops.variants import Problem
 from runlora.planning.planner import plan_for
@@ -345,8 +346,6 @@ def _quant_storage(layer: nn.Module) -> list[Tensor]:
 @pytest.mark.parametrize("host", ["peft", "runlora_linear"])
 @pytest.mark.parametrize("quant", QUANTS, ids=str)
 def test_quantized_storage_is_bit_identical_after_training(quant, host):
-    from runlora.layers.layer import RunLoRALinear
-
     base = _base(quant, torch.float32)
     if host == "peft":
         layer = _accelerated(_peft_layer(base, torch.float32))
@@ -371,8 +370,6 @@ def test_quantized_storage_is_bit_identical_after_training(quant, host):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("quant", QUANTS, ids=str)
 def test_runlora_linear_on_a_quantized_base_matches_peft(quant, dtype):
-    from runlora.layers.layer import RunLoRALinear
-
     _skip_without_int8_matmul(quant)
     peft_layer = _peft_layer(_base(quant, dtype), dtype)
     layer = RunLoRALinear(peft_layer.base_layer, r=RANK, lora_alpha=ALPHA)
@@ -449,6 +446,75 @@ def test_missing_bitsandbytes_says_what_to_install(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'runlora\[quant\]'"):
         quantize_model(nn.Sequential(nn.Linear(8, 8)), 4)
     assert quant_provider(nn.Linear(8, 8)) is None  # plain layers never need bitsandbytes
+
+
+#: Run in a fresh interpreter where ``import bitsandbytes`` fails (a meta-path blocker), as on
+#: a machine without the optional extra.
+_WITHOUT_BNB = """
+import sys
+
+class NoBitsandbytes:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "bitsandbytes":
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)")
+        return None
+
+sys.meta_path.insert(0, NoBitsandbytes())
+try:
+    import bitsandbytes
+except ImportError:
+    pass
+else:
+    raise SystemExit("the blocker let bitsandbytes in")
+
+import torch
+import runlora
+import runlora.integrations.distributed
+import runlora.integrations.peft
+from runlora.layers import layer, quant
+
+assert "bitsandbytes" not in sys.modules, "importing runlora imported bitsandbytes"
+assert (quant.is_quantized_base, quant.base_handler) in layer._BASE_KINDS
+lin = torch.nn.Linear(8, 4)
+assert layer.base_args_fn(lin) is layer._dense_args and not quant.is_quantized_base(lin)
+wrapped = runlora.RunLoRALinear(lin, 2, init_lora_weights=False)
+x = torch.randn(3, 8)
+want = lin(x) + x @ wrapped.delta_weight().t()
+torch.testing.assert_close(wrapped(x), want)
+try:
+    quant.require_bitsandbytes()
+except ImportError as err:
+    assert "pip install 'runlora[quant]'" in str(err), err
+else:
+    raise SystemExit("require_bitsandbytes found the blocked bitsandbytes")
+print("ok")
+"""
+
+
+def test_runlora_imports_and_runs_without_bitsandbytes():
+    """The layers package (and runlora with it) imports without bitsandbytes, registers the
+    quantized kind anyway, and runs dense layers; only asking for a quantized base needs it."""
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_BNB], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+@needs_bnb
+@pytest.mark.parametrize("quant", (QUANTS[0], QUANTS[-1]), ids=str)
+def test_bitsandbytes_layers_are_a_registered_base_kind(quant):
+    """Importing runlora registers bitsandbytes' layers ahead of the dense kind (they subclass
+    nn.Linear): a wrapped quantized layer reads its base through the quantized handler."""
+    from runlora.layers.layer import base_args_fn, is_supported_base
+    from runlora.layers.quant import base_handler
+
+    proj = _base(quant, torch.float32).proj
+    assert isinstance(proj, nn.Linear) and is_supported_base(proj)
+    assert base_args_fn(proj) is base_handler
+    layer = RunLoRALinear(proj, RANK, ALPHA, init_lora_weights=False)
+    _, _, provider = layer.base_weight_args()
+    assert provider is not None and provider.bits == quant.bits
+    assert (layer.out_features, layer.in_features) == (OUT_FEATURES, IN_FEATURES)
 
 
 @needs_bnb

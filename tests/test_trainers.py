@@ -83,13 +83,13 @@ TEXTS = datasets.Dataset.from_dict(
 def op_calls(monkeypatch) -> dict[int, int]:
     """id(layer) -> how many times runlora's op ran in that layer."""
     calls: dict[int, int] = {}
-    real = LoRAEngine._call_op
+    real = LoRAEngine.call_op
 
     def counted(self, *args, **kwargs):
         calls[id(self)] = calls.get(id(self), 0) + 1
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(LoRAEngine, "_call_op", counted)
+    monkeypatch.setattr(LoRAEngine, "call_op", counted)
     return calls
 
 

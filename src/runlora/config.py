@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields
 
+from .ops.checks import dropout_probability, positive_int
 from .planning.planner import CRITERIA
 
 __all__ = ["LoraConfig", "PEFT_ONLY_FEATURES"]
@@ -84,12 +85,10 @@ class LoraConfig:
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
-        if not _is_int(self.r) or self.r < 1:
-            raise ValueError(f"r must be a positive int, got {self.r!r}")
+        positive_int("r", self.r)
         if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
             raise ValueError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be a float in [0, 1), got {self.lora_dropout!r}")
+        dropout_probability("lora_dropout", self.lora_dropout)
         self.target_modules = _names(self.target_modules, "target_modules")
         self.exclude_modules = _names(self.exclude_modules, "exclude_modules")
         for name in ("target_modules", "exclude_modules"):
@@ -129,8 +128,7 @@ class LoraConfig:
                 "indices in the regex instead"
             )
         for key, value in self.rank_pattern.items():
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"rank_pattern[{key!r}] must be a positive int, got {value!r}")
+            positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"alpha_pattern[{key!r}] must be a number, got {value!r}")

@@ -91,21 +91,21 @@ def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     from ..layers.layer import LoRAEngine
 
     for name, module in model.named_modules():
-        if isinstance(module, LoRAEngine) and module.plan is None and module._live_adapters():
+        if isinstance(module, LoRAEngine) and module.plan is None and module.live_adapters():
             yield name, module
 
 
 def _layer_request(layer: nn.Module, n_tokens: int, needs_input_grad: bool) -> PlanRequest:
-    from ..layers.layer import _dropout_p, full_shape
+    from ..layers.layer import dropout_p, full_shape
 
-    adapters = layer._op_adapters(layer._live_adapters())
-    _, bias, quant = layer._base_weight_args()
+    adapters = layer.op_adapters(layer.live_adapters())
+    _, bias, quant = layer.base_weight_args()
     # (r, in) and (out, r); under FSDP2 DTensors of the full shape, under ZeRO-3 partitions.
     # Several adapters in one op call stack their ranks (and run without dropout).
     r = sum(full_shape(layer.lora_A[a].weight)[0] for a in adapters)
     in_features = full_shape(layer.lora_A[adapters[0]].weight)[1]
     out_features = full_shape(layer.lora_B[adapters[0]].weight)[0]
-    dropout = _dropout_p(layer.lora_dropout[adapters[0]]) if layer.training else 0.0
+    dropout = dropout_p(layer.lora_dropout[adapters[0]]) if layer.training else 0.0
     return PlanRequest(
         bucket_tokens(n_tokens),
         in_features,
@@ -147,7 +147,7 @@ def plan_requests(
 
 def _first_lora_weight(model: nn.Module) -> Tensor | None:
     for _, layer in _lora_layers(model):
-        return layer.lora_A[layer._live_adapters()[0]].weight
+        return layer.lora_A[layer.live_adapters()[0]].weight
     return None
 
 

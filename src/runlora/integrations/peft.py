@@ -132,7 +132,7 @@ class PeftEngine(LoRAEngine):
             cached = self.__dict__["_runlora_base"] = (child, base, base_args_fn(base), why)
         return cached
 
-    def _base_weight_args(self):
+    def base_weight_args(self) -> tuple:
         _, base, fn, _ = self._base_state()
         return fn(base, self.fan_in_fan_out)
 
@@ -162,12 +162,12 @@ class PeftEngine(LoRAEngine):
                 and _adapter_reason(self, name) is None
                 and self._base_state()[3] is None
             ):
-                return self._call_op(x, name)[0]
+                return self.call_op(x, name)[0]
         adapter_names = kwargs.get("adapter_names")
         if self.disable_adapters or (self.merged and adapter_names is None):
             names: list[str] = []
         elif adapter_names is None:
-            names = self._live_adapters()
+            names = self.live_adapters()
         else:
             names = [n for n in dict.fromkeys(adapter_names) if n != BASE and n in self.lora_A]
         reason = self._fallback_reason(names, args, kwargs) if names or args or kwargs else None
@@ -183,10 +183,10 @@ class PeftEngine(LoRAEngine):
             return self._mixed_batch_forward(x, adapter_names=adapter_names)
         if not names:  # merged, or no active adapter in this layer
             return self.base_layer(x)
-        return self._run(x, names)[0]
+        return self.run(x, names)[0]
 
     def _mixed_batch_forward(self, x: Tensor, *args, adapter_names, **kwargs) -> Tensor:
-        """PEFT's mixed-batch path, run by ``runlora.routing``: the base product once for
+        """PEFT's mixed-batch path, run by ``runlora.layers.routing``: the base product once for
         the batch, each adapter's low-rank term added to its rows (grouped or stacked)."""
         used = {n for n in adapter_names if n != BASE and n in self.lora_A}
         if args or kwargs or any(_adapter_reason(self, n) for n in used):

@@ -13,9 +13,10 @@ The module mirrors PEFT's ``lora.Linear`` attribute for attribute (``base_layer`
 and a second adapter has a place to go. Only the weights of those ``nn.Linear``\\ s are used; the
 forward is one call of the planned op.
 
-The base layer is read in one place, ``RunLoRALinear._base_weight_args``: an ``nn.Linear``, or
-GPT-2's ``Conv1D`` (weight stored ``(in, out)``, used through a transposed view). Quantized base
-layers plug in there through ``register_base_kind``.
+The base layer is read in one place, ``RunLoRALinear.base_weight_args``: an ``nn.Linear``, or
+GPT-2's ``Conv1D`` (weight stored ``(in, out)``, used through a transposed view). Other base
+layers plug in there through ``register_base_kind`` (``runlora.layers`` registers the quantized
+bitsandbytes ones of ``runlora.layers.quant``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..ops.checks import dropout_probability, positive_int
 from ..ops.function import lora_linear
 from ..ops.plan import Plan, as_plan
 from ..planning.lookup import lookup_plan, token_bucket
 from ..planning.planner import CRITERIA
-from .quant import base_handler as _quantized_handler
 from .routing import Routing, mixed_batch_forward
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "base_args_fn",
     "register_base_kind",
     "is_supported_base",
+    "dropout_p",
+    "full_shape",
     "LoRAEngine",
 ]
 
@@ -48,15 +51,6 @@ __all__ = [
 #: (out, in) or None, bias or None, quant provider or None)``. ``args`` runs on every forward and
 #: must be traceable by Dynamo; ``matches`` runs once, when a layer is wrapped.
 BaseKind = tuple[Callable[[nn.Module], bool], Callable[[nn.Module, bool], tuple]]
-_BASE_KINDS: list[BaseKind] = []
-
-
-def register_base_kind(matches: Callable[[nn.Module], bool], args: Callable) -> None:
-    """Teach runlora a new kind of base layer (``runlora.quant`` registers bitsandbytes layers).
-
-    Kinds registered later are tried first.
-    """
-    _BASE_KINDS.insert(0, (matches, args))
 
 
 def _is_conv1d(layer: nn.Module) -> bool:
@@ -66,14 +60,27 @@ def _is_conv1d(layer: nn.Module) -> bool:
     return cls is not None and isinstance(layer, cls)
 
 
+def _is_dense(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or _is_conv1d(layer)
+
+
 def _dense_args(layer: nn.Module, fan_in_fan_out: bool) -> tuple:
     weight = layer.weight.t() if fan_in_fan_out else layer.weight  # (out, in), a view
     return weight, layer.bias, None
 
 
-register_base_kind(lambda m: isinstance(m, nn.Linear) or _is_conv1d(m), _dense_args)
-# bitsandbytes Linear4bit / Linear8bitLt (tried first: they subclass nn.Linear).
-register_base_kind(lambda m: _quantized_handler(m) is not None, _quantized_handler)
+#: The kinds ``base_args_fn`` tries, first match wins; the dense one is built in.
+_BASE_KINDS: list[BaseKind] = [(_is_dense, _dense_args)]
+
+
+def register_base_kind(matches: Callable[[nn.Module], bool], args: Callable) -> None:
+    """Teach runlora a new kind of base layer (see ``BaseKind``); ``runlora.layers`` registers
+    the bitsandbytes layers of ``runlora.layers.quant`` this way.
+
+    Kinds registered later are tried first (a kind for an ``nn.Linear`` subclass, such as
+    bitsandbytes' layers, then wins over the dense one).
+    """
+    _BASE_KINDS.insert(0, (matches, args))
 
 
 def full_shape(param: Tensor) -> torch.Size:
@@ -110,7 +117,8 @@ def base_args_fn(layer: nn.Module) -> Callable[[nn.Module, bool], tuple]:
             return args
     raise TypeError(
         f"runlora cannot wrap a {type(layer).__name__}: only nn.Linear and transformers' Conv1D "
-        "are supported (quantized layers through runlora.quant); leave it out of target_modules"
+        "are supported (bitsandbytes layers through runlora.layers.quant); leave it out of "
+        "target_modules"
     )
 
 
@@ -119,7 +127,8 @@ def is_supported_base(layer: nn.Module) -> bool:
     return any(matches(layer) for matches, _ in _BASE_KINDS)
 
 
-def _dropout_p(module: nn.Module) -> float:
+def dropout_p(module: nn.Module) -> float:
+    """The dropout probability of an adapter's ``lora_dropout`` module (0 for ``nn.Identity``)."""
     return float(module.p) if isinstance(module, nn.Dropout) else 0.0
 
 
@@ -190,7 +199,7 @@ class LoRAEngine:
 
     A host class provides PEFT's attributes ``lora_A``/``lora_B`` (ModuleDicts of ``nn.Linear``:
     A ``(r, in)``, B ``(out, r)``), ``lora_dropout``, ``scaling``, ``r``, ``merged``,
-    ``active_adapters``, ``base_layer``, and ``_base_weight_args()`` (``(weight (out, in) or None,
+    ``active_adapters``, ``base_layer``, and ``base_weight_args()`` (``(weight (out, in) or None,
     bias, quant)``, see ``base_args_fn``). ``criterion`` names how plans are made; ``plan`` fixes
     one plan for every call.
     """
@@ -198,21 +207,29 @@ class LoRAEngine:
     criterion: str = "flops"
     plan: Plan | None = None
     _last_plan: tuple[int, Plan] | None = None  # (tokens, plan) of the last call
-    _stack_cache: tuple | None = None  # see runlora.routing.layer_terms
 
-    def _live_adapters(self) -> list[str]:
+    def base_weight_args(self) -> tuple:
+        """``(weight (out, in) view or None, bias (out,) or None, quant provider or None)`` of
+        the base layer, as the op takes them (see ``base_args_fn``); the host provides it."""
+        raise NotImplementedError
+
+    def live_adapters(self) -> list[str]:
+        """The active adapters this layer holds, in order (a model's adapters need not all
+        target this layer)."""
         return [n for n in self.active_adapters if n in self.lora_A]
 
-    def _call_op(self, x: Tensor, name: str | None, stacked=None) -> tuple[Tensor, Plan]:
-        """The op on adapter ``name``, or on ``stacked = (A (R, in), B (out, R))``, scaled."""
+    def call_op(self, x: Tensor, name: str | None, stacked=None) -> tuple[Tensor, Plan]:
+        """One op call: the base layer plus adapter ``name``'s term (its scaling and dropout),
+        or, with ``name=None``, plus the term of ``stacked = (A (R, in), B (out, R))`` as it is
+        (scalings folded into B, no dropout). ``(..., in)`` -> ``(..., out)``, and the plan."""
         if stacked is None:
             lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-            scaling, dropout = self.scaling[name], _dropout_p(self.lora_dropout[name])
+            scaling, dropout = self.scaling[name], dropout_p(self.lora_dropout[name])
         else:
             (lora_a, lora_b), scaling, dropout = stacked, 1.0, 0.0
         y, plan = run_adapter(
             x,
-            self._base_weight_args(),
+            self.base_weight_args(),
             lora_a,
             lora_b,
             scaling=scaling,
@@ -225,27 +242,27 @@ class LoRAEngine:
             self.__dict__["_last_plan"] = (x.numel() // max(1, x.shape[-1]), plan)
         return y, plan
 
-    def _op_adapters(self, names: list[str]) -> list[str]:
+    def op_adapters(self, names: list[str]) -> list[str]:
         """Which of the adapters ``names`` run inside the one op call, their ranks stacked:
         all of them, but for training with dropout, where each adapter draws its own mask (as
         PEFT does) and only the first runs in the op."""
         if len(names) > 1 and self.training:
-            if any(_dropout_p(self.lora_dropout[n]) for n in names):
+            if any(dropout_p(self.lora_dropout[n]) for n in names):
                 return names[:1]
         return names
 
-    def _run(self, x: Tensor, names: list[str]) -> tuple[Tensor, Plan]:
+    def run(self, x: Tensor, names: list[str]) -> tuple[Tensor, Plan]:
         """The base layer plus the LoRA terms of ``names`` (all present in the layer):
         ``(..., in)`` -> ``(..., out)``, and the plan the op ran."""
-        inside = self._op_adapters(names)
+        inside = self.op_adapters(names)
         if len(inside) == 1:
-            y, plan = self._call_op(x, inside[0])
+            y, plan = self.call_op(x, inside[0])
         else:
             # sum_k s_k (X A_kᵀ) B_kᵀ = X [A_1; A_2; ...]ᵀ [s_1 B_1, s_2 B_2, ...]ᵀ: one op call
             # of rank sum(r_k), planned like any other shape
             lora_a = torch.cat([self.lora_A[n].weight for n in inside])
             lora_b = torch.cat([self.scaling[n] * self.lora_B[n].weight for n in inside], dim=1)
-            y, plan = self._call_op(x, None, stacked=(lora_a, lora_b))
+            y, plan = self.call_op(x, None, stacked=(lora_a, lora_b))
         for name in names[len(inside) :]:  # op by op, each with its own dropout mask
             lx = self.lora_dropout[name](x).to(self.lora_A[name].weight.dtype)
             term = self.lora_B[name](self.lora_A[name](lx)) * self.scaling[name]
@@ -276,16 +293,14 @@ class RunLoRALinear(LoRAEngine, nn.Module):
         init_lora_weights: True (A Kaiming-uniform, B zeros: starts as the base layer),
             ``"gaussian"`` (A ~ N(0, 1/r²), B zeros) or False (both nn.Linear's random init).
         fan_in_fan_out: the base weight is stored ``(in, out)``; None: True for Conv1D only.
-        criterion: how plans are chosen (a key of ``runlora.planner.CRITERIA``).
+        criterion: how plans are chosen (a key of ``runlora.CRITERIA``).
 
     More adapters: ``update_layer`` adds one, ``set_adapter`` picks the active ones (several
     active adapters add up), ``delete_adapter`` removes one; ``forward(x, adapter_names=[...])``
-    runs each example with its own adapter (``runlora.routing``).
+    runs each example with its own adapter (``runlora.layers.routing``).
 
     Shapes: input ``(..., in_features)``, output ``(..., out_features)``.
     """
-
-    _runlora_wrapper = True  # runlora.targets never looks inside
 
     def __init__(
         self,
@@ -314,7 +329,7 @@ class RunLoRALinear(LoRAEngine, nn.Module):
         self.base_layer = base_layer
         self._base_args_fn = base_args_fn(base_layer)
         self.fan_in_fan_out = bool(fan_in_fan_out)
-        weight, _, quant = self._base_weight_args()
+        weight, _, quant = self.base_weight_args()
         self.out_features, self.in_features = _out_in(
             base_layer, weight, quant, self.fan_in_fan_out
         )
@@ -343,11 +358,9 @@ class RunLoRALinear(LoRAEngine, nn.Module):
         init_lora_weights: bool | str = True,
     ) -> None:
         """Create (or replace) the adapter ``adapter_name``: A ``(r, in)``, B ``(out, r)``."""
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        weight, _, quant = self._base_weight_args()
+        positive_int("r", r)
+        dropout_probability("lora_dropout", lora_dropout)
+        weight, _, quant = self.base_weight_args()
         like = {
             "device": (weight if quant is None else quant).device,
             "dtype": (weight if quant is None else quant).dtype,
@@ -381,7 +394,7 @@ class RunLoRALinear(LoRAEngine, nn.Module):
             )
         nn.init.zeros_(self.lora_B[adapter_name].weight)
 
-    def _base_weight_args(self):
+    def base_weight_args(self) -> tuple:
         """``(weight (out, in) view or None, bias, quant)``: the one place the base is read."""
         return self._base_args_fn(self.base_layer, self.fan_in_fan_out)
 
@@ -423,10 +436,6 @@ class RunLoRALinear(LoRAEngine, nn.Module):
             self.lora_B[key].requires_grad_(trainable)
         self._active_adapters = names
 
-    def _activate(self, adapter_names: list[str]) -> None:
-        """Which adapters run, trainability untouched."""
-        self._active_adapters = list(adapter_names)
-
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name``; if it was active, the other active ones stay, or the first
         remaining adapter becomes active."""
@@ -456,12 +465,12 @@ class RunLoRALinear(LoRAEngine, nn.Module):
             return self.base_layer(x, *args, **kwargs)
         names = self._active_adapters
         if len(names) == 1 and names[0] in self.lora_A:  # the common case, kept short
-            y, plan = self._call_op(x, names[0])
+            y, plan = self.call_op(x, names[0])
         else:
-            names = self._live_adapters()
+            names = self.live_adapters()
             if not names:
                 return self.base_layer(x, *args, **kwargs)
-            y, plan = self._run(x, names)
+            y, plan = self.run(x, names)
         return y
 
     def delta_weight(self, adapter_name: str | None = None) -> Tensor:
@@ -474,11 +483,11 @@ class RunLoRALinear(LoRAEngine, nn.Module):
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """W += s·B A in place for each active adapter (or each of ``adapter_names``) not merged
         yet; the base tensor keeps its storage."""
-        names = self._live_adapters() if adapter_names is None else list(adapter_names)
+        names = self.live_adapters() if adapter_names is None else list(adapter_names)
         names = [n for n in names if n not in self.merged_adapters]
         if not names:
             return
-        if self._base_weight_args()[2] is not None:
+        if self.base_weight_args()[2] is not None:
             raise NotImplementedError("merging into a quantized base weight is not supported")
         for name in names:
             if name in self.lora_A:  # a model's adapters need not all target this layer
@@ -494,7 +503,7 @@ class RunLoRALinear(LoRAEngine, nn.Module):
             self.base_layer.weight.sub_(self.delta_weight(name).to(self.base_layer.weight.dtype))
 
     def extra_repr(self) -> str:
-        names = self._live_adapters()
+        names = self.live_adapters()
         r = self.r[names[0]] if len(names) == 1 else {n: self.r[n] for n in names}
         plan = self.plan_summary()
         return (

@@ -12,8 +12,10 @@ Because the buffer is fresh, the merged orders fold s·B A into it in place (no 
 ``(out, in)`` allocation), which makes them cheaper here than on an unquantized W.
 
 bitsandbytes is optional (``pip install 'runlora[quant]'``); it is imported only when a quantized
-base is asked for. ``quant_provider`` is the dispatcher the layer calls: it returns None for
-anything that is not a bitsandbytes ``Linear4bit``/``Linear8bitLt``, without importing bnb.
+base is asked for. ``is_quantized_base`` and ``base_handler`` are the base kind that
+``runlora.layers`` registers with ``register_base_kind`` (this module registers nothing): both
+say no to anything that is not a bitsandbytes ``Linear4bit``/``Linear8bitLt``, without importing
+bnb.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..ops.checks import name_matches
+from ..ops.function import check_args
+
 __all__ = [
     "QuantizedWeight",
     "quant_provider",
+    "is_quantized_base",
     "base_handler",
     "quantize_model",
     "dequantize",
@@ -120,7 +126,7 @@ class QuantizedWeight:
             raise ValueError(
                 "this Linear4bit's weight is not quantized yet: bitsandbytes quantizes it when "
                 "the module is moved to a device, so call module.to('cuda') or module.to('cpu') "
-                "first (or build the model with runlora.quant.quantize_model)"
+                "first (or build the model with runlora.layers.quant.quantize_model)"
             )
         return state
 
@@ -138,7 +144,7 @@ class QuantizedWeight:
             raise ValueError(
                 "this Linear8bitLt's weight is not quantized yet: bitsandbytes quantizes it when "
                 "the module is moved to a device, so call module.to('cuda') or module.to('cpu') "
-                "first (or build the model with runlora.quant.quantize_model)"
+                "first (or build the model with runlora.layers.quant.quantize_model)"
             )
         return scb
 
@@ -166,8 +172,6 @@ class QuantizedWeight:
 
     def check(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Tensor | None) -> None:
         """The op's argument checks, with this weight's shape and device standing in for W."""
-        from ..ops.function import _check
-
         if self.weight.requires_grad:
             raise ValueError(
                 "the quantized base weight requires grad, but it is frozen storage; call "
@@ -183,7 +187,7 @@ class QuantizedWeight:
         stand_in = (x.new_zeros(()) if isinstance(x, Tensor) else torch.zeros(())).expand(
             self.shape
         )
-        _check(x, stand_in, lora_a, lora_b, bias, 1.0, 0.0)
+        check_args(x, stand_in, lora_a, lora_b, bias, 1.0, 0.0)
 
     def __repr__(self) -> str:
         out_f, in_f = self.shape
@@ -208,8 +212,9 @@ def quant_provider(base_layer: nn.Module) -> QuantizedWeight | None:
 
 
 def base_handler(layer: nn.Module, fan_in_fan_out: bool = False):
-    """``runlora.layer``'s base-layer handler: ``(quantized weight, bias, provider)`` for a
-    bitsandbytes layer, None for anything else (PEFT's dispatcher convention)."""
+    """The base kind's ``args`` (see ``runlora.layers.layer.BaseKind``): ``(quantized weight,
+    bias, provider)`` for a bitsandbytes layer, None for anything else (PEFT's dispatcher
+    convention). Runs on every forward."""
     quant = quant_provider(layer)
     if quant is None:
         return None
@@ -218,6 +223,16 @@ def base_handler(layer: nn.Module, fan_in_fan_out: bool = False):
             "a bitsandbytes layer stores its weight as (out, in); use fan_in_fan_out=False"
         )
     return quant.weight, layer.bias, quant
+
+
+def is_quantized_base(layer: nn.Module) -> bool:
+    """The base kind's ``matches``: True for a bitsandbytes ``Linear4bit``/``Linear8bitLt``.
+
+    Raises:
+        ValueError: for one that cannot be a frozen quantized base (not quantized yet,
+            ``has_fp16_weights=True``), saying what to do.
+    """
+    return base_handler(layer) is not None
 
 
 def dequantize(base_layer: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
@@ -229,10 +244,6 @@ def dequantize(base_layer: nn.Module, dtype: torch.dtype | None = None) -> Tenso
             f"expected a bitsandbytes Linear4bit or Linear8bitLt, got {type(base_layer).__name__}"
         )
     return provider.dequantize(dtype)
-
-
-def _matches(name: str, skip: Iterable[str]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip)
 
 
 def _quantized_linear(
@@ -311,7 +322,7 @@ def quantize_model(
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and name and not _matches(name, skip)
+        if type(module) is nn.Linear and name and not any(name_matches(name, s) for s in skip)
     ]
     for name, lin in targets:
         q = _quantized_linear(bnb, lin, bits, compute_dtype, quant_type, double_quant, threshold)

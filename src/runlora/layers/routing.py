@@ -28,15 +28,23 @@ the grouped form adds 1.5–3× less.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "BASE",
     "STACKED_MAX_TOKENS",
     "Routing",
+    "OneAdapter",
+    "NoTerm",
+    "Group",
+    "Grouped",
+    "Stacked",
+    "Terms",
     "layer_terms",
     "mixed_batch_forward",
     "run_grouped",
@@ -69,6 +77,11 @@ class Routing:
         self.expand = expand
         self._groups: dict[tuple[int, torch.device], list[tuple[str, Tensor]]] = {}
         self._masks: dict[tuple, Tensor] = {}
+        # layer -> (key, terms) of layer_terms: kept as long as this routing is (one forward, or
+        # every step of one generate), dropped with it
+        self._terms: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Terms]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def groups(self, batch: int, device: torch.device) -> list[tuple[str, Tensor]]:
         """``(adapter name, row indices (k,) int64)`` per adapter, in order of first use.
@@ -116,6 +129,48 @@ class Routing:
         return self._masks[key]
 
 
+@dataclass(frozen=True, eq=False)
+class OneAdapter:
+    """One adapter for the whole batch: the layer's planned op runs it (``layer.run``)."""
+
+    name: str
+
+
+@dataclass(frozen=True, eq=False)
+class NoTerm:
+    """No example's adapter is in this layer: the base layer alone."""
+
+
+@dataclass(frozen=True, eq=False)
+class Group:
+    """One adapter's rows and weights, in the activations' dtype."""
+
+    rows: Tensor  # (k,) int64, the examples that run this adapter
+    lora_a: Tensor  # (r, in)
+    lora_b: Tensor  # (out, r)
+    scaling: float
+
+
+@dataclass(frozen=True, eq=False)
+class Grouped:
+    """Per adapter: gather its rows, two rank-r products, add them back (module docstring)."""
+
+    groups: tuple[Group, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Stacked:
+    """Every adapter on every row, a 0/1 mask keeping each row's own (module docstring)."""
+
+    lora_a: Tensor  # (R, in): [A_1; ...; A_K], R the sum of the ranks
+    lora_b: Tensor  # (out, R): [s_1 B_1, ..., s_K B_K]
+    mask: Tensor  # (batch, 1, ..., 1, R)
+
+
+#: How a layer adds the adapters' terms of one batch (``layer_terms``).
+Terms = OneAdapter | NoTerm | Grouped | Stacked
+
+
 def run_grouped(
     x: Tensor, groups: list[tuple[str, Tensor]], fn: Callable[[str, Tensor], Tensor]
 ) -> Tensor:
@@ -146,28 +201,23 @@ def mixed_batch_forward(layer, x: Tensor, routing: Routing, args, kwargs) -> Ten
     if x.dim() < 2:
         raise ValueError(f"adapter_names needs a batch dimension: x has shape {tuple(x.shape)}")
     terms = layer_terms(layer, x, routing)
-    if terms[0] == "op":  # one adapter for the whole batch: the planned op
-        return layer._run(x, [terms[1]])[0]
+    if isinstance(terms, OneAdapter):  # one adapter for the whole batch: the planned op
+        return layer.run(x, [terms.name])[0]
     y = layer.base_layer(x, *args, **kwargs)
-    if terms[0] == "base":  # no example's adapter is in this layer
-        return y
-    if terms[0] == "stacked":
-        _, lora_a, lora_b, mask = terms
-        return y.add_(((x @ lora_a.t()) * mask) @ lora_b.t())
-    for rows, lora_a, lora_b, scaling in terms[1]:
-        term = (x.index_select(0, rows) @ lora_a.t()) @ lora_b.t()  # (k, ..., out)
-        y.index_add_(0, rows, term.to(y.dtype), alpha=scaling)
+    if isinstance(terms, Stacked):
+        return y.add_(((x @ terms.lora_a.t()) * terms.mask) @ terms.lora_b.t())
+    if isinstance(terms, Grouped):
+        for g in terms.groups:
+            term = (x.index_select(0, g.rows) @ g.lora_a.t()) @ g.lora_b.t()  # (k, ..., out)
+            y.index_add_(0, g.rows, term.to(y.dtype), alpha=g.scaling)
     return y
 
 
-def layer_terms(layer, x: Tensor, routing: Routing) -> tuple:
-    """How ``layer`` adds the adapters' terms for ``x`` under ``routing``; kept on the layer
-    for the routing's lifetime (one forward, or every step of one ``generate``) without
-    autograd.
-
-    The base product is computed once for every row; then ``("op", name)`` (one adapter for the
-    batch: the planned op instead), ``("base",)`` (no term), ``("grouped", [(rows, A, B, s),
-    ...])`` or ``("stacked", A (R, in), B (out, R), mask)`` (see the module docstring).
+def layer_terms(layer, x: Tensor, routing: Routing) -> Terms:
+    """How ``layer`` adds the adapters' terms for ``x`` under ``routing``: ``OneAdapter``,
+    ``NoTerm``, ``Grouped`` or ``Stacked`` (see the module docstring). Without autograd they
+    are kept by ``routing`` for this layer, for the routing's lifetime (one forward, or every
+    step of one ``generate``).
     """
     few_tokens = x.numel() // x.shape[-1] <= STACKED_MAX_TOKENS  # decoding steps
     # The weights' identities and version counters are in the key: a Routing can outlive one
@@ -180,16 +230,16 @@ def layer_terms(layer, x: Tensor, routing: Routing) -> tuple:
         for w in (layer.lora_A[n].weight, layer.lora_B[n].weight)
     )
     scalings = tuple(layer.scaling.items())
-    key = (routing, x.shape[0], x.dim(), x.dtype, x.device, few_tokens, weights, scalings)
-    cached = layer._stack_cache
+    key = (x.shape[0], x.dim(), x.dtype, x.device, few_tokens, weights, scalings)
+    cached = routing._terms.get(layer)
     if cached is not None and cached[0] == key:
         return cached[1]
     groups = routing.groups(x.shape[0], x.device)
     present = [n for n, _ in groups if n != BASE and n in layer.lora_A]
     if len(groups) == 1 and present:
-        terms: tuple = ("op", present[0])
+        terms: Terms = OneAdapter(present[0])
     elif not present:
-        terms = ("base",)
+        terms = NoTerm()
     elif len(present) > 1 and few_tokens:
         lora_a = torch.cat([layer.lora_A[n].weight.to(x.dtype) for n in present])
         lora_b = torch.cat(
@@ -197,19 +247,20 @@ def layer_terms(layer, x: Tensor, routing: Routing) -> tuple:
         )
         blocks = [(n, layer.r[n]) for n in present]
         mask = routing.mask(x.shape, blocks, x.dtype, x.device)  # (batch, 1.., R)
-        terms = ("stacked", lora_a, lora_b, mask)
+        terms = Stacked(lora_a, lora_b, mask)
     else:
-        grouped = [
-            (
-                rows,
-                layer.lora_A[n].weight.to(x.dtype),
-                layer.lora_B[n].weight.to(x.dtype),
-                layer.scaling[n],
+        terms = Grouped(
+            tuple(
+                Group(
+                    rows,
+                    layer.lora_A[n].weight.to(x.dtype),
+                    layer.lora_B[n].weight.to(x.dtype),
+                    layer.scaling[n],
+                )
+                for n, rows in groups
+                if n in present
             )
-            for n, rows in groups
-            if n in present
-        ]
-        terms = ("grouped", grouped)
+        )
     if not torch.is_grad_enabled():
-        layer.__dict__["_stack_cache"] = (key, terms)  # a plain attribute, set in __init__
+        routing._terms[layer] = (key, terms)
     return terms

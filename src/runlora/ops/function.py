@@ -19,7 +19,14 @@ from .plan import Plan, as_plan
 from .products import addmm_into, db_from_la, la_product, merge_weight, z_product
 from .variants import BackwardVariant, ForwardVariant, Problem
 
-__all__ = ["lora_linear", "run_forward", "run_backward", "set_plan_resolver", "PlanResolver"]
+__all__ = [
+    "lora_linear",
+    "run_forward",
+    "run_backward",
+    "check_args",
+    "set_plan_resolver",
+    "PlanResolver",
+]
 
 WeightFn = Callable[[], Tensor]
 
@@ -214,8 +221,9 @@ class _LoRAFunction(torch.autograd.Function):
         return dx, None, da if need_a else None, db if need_b else None, dbias, *([None] * 5)
 
 
-def _check(x, weight, lora_a, lora_b, bias, scaling, dropout) -> None:
-    """Raise a clear error for bad arguments; silent (and cheap) when all is well."""
+def check_args(x, weight, lora_a, lora_b, bias, scaling, dropout) -> None:
+    """``lora_linear``'s argument checks: a clear error for bad arguments, silent (and cheap)
+    when all is well."""
     if _looks_valid(x, weight, lora_a, lora_b, bias, scaling, dropout):
         return
     _explain(x, weight, lora_a, lora_b, bias, scaling, dropout)
@@ -375,7 +383,7 @@ def lora_linear(
         plan: a ``runlora.Plan``, a ``(forward_name, backward_name)`` tuple, or None to plan this
             shape by FLOPs (cached per shape).
         keep_xa: save the ``(N, r)`` X Aᵀ from forward instead of recomputing it in backward.
-        quant: internal; a quantized base weight provider (see ``runlora.quant``).
+        quant: internal; a quantized base weight provider (see ``runlora.layers.quant``).
 
     Returns:
         Tensor of shape ``(..., out)``.
@@ -386,7 +394,7 @@ def lora_linear(
             _autocast_cast(t, cast_to) for t in (x, weight, lora_A, lora_B, bias)
         )
     if quant is None:
-        _check(x, weight, lora_A, lora_B, bias, scaling, dropout)
+        check_args(x, weight, lora_A, lora_B, bias, scaling, dropout)
     else:
         quant.check(x, lora_A, lora_B, bias)
     p = float(dropout) if training else 0.0
