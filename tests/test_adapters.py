@@ -121,7 +121,10 @@ def test_several_active_adapters_sum_like_peft(monkeypatch):
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6)
     assert sorted(ranks) == [2, 2, 4, 4, 6, 6]  # down_proj "b", v_proj "default", q_proj both
     # The stacked op call is planned for the summed rank where both adapters meet (q_proj).
-    shapes = {(q.in_features, q.out_features, q.r) for q in plan_requests(ours, n_tokens=16)}
+    shapes = {
+        (q.problem.in_features, q.problem.out_features, q.problem.r)
+        for q in plan_requests(ours, n_tokens=16)
+    }
     assert (64, 64, 6) in shapes and (64, 64, 4) in shapes and (128, 64, 2) in shapes
 
 

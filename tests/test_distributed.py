@@ -366,7 +366,9 @@ def _deepspeed(rank: int, out: Path) -> None:
             "n_frozen": len(frozen_before),
             "built_partitioned": partitioned,
             "plans": {repr(k): v.to_dict() for k, v in plans.items()},
-            "plan_shapes": {(k.in_features, k.out_features, k.r) for k in plans},
+            "plan_shapes": {
+                (k.problem.in_features, k.problem.out_features, k.problem.r) for k in plans
+            },
             "n_lora_layers": n_layers,
         }
         if label == "zero3":
@@ -618,29 +620,42 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
 
 def test_plan_requests_are_the_distinct_layer_shapes():
     from runlora.integrations.distributed import plan_requests, sync_plans
+    from runlora.planning.request import bucket_tokens
 
     model = tiny_lora_model()
     requests = plan_requests(model, n_tokens=LOCAL_BATCH * SEQ)
-    shapes = {(q.in_features, q.out_features) for q in requests}
+    shapes = {(q.problem.in_features, q.problem.out_features) for q in requests}
     assert shapes == {(64, 64), (64, 176), (176, 64)}
-    assert len(requests) == 6 and {q.needs_input_grad for q in requests} == {True, False}
+    assert len(requests) == 6 and {q.problem.needs_input_grad for q in requests} == {True, False}
+    assert {(q.dtype, q.device, q.problem.n) for q in requests} == {
+        (torch.float32, "cpu", bucket_tokens(LOCAL_BATCH * SEQ))
+    }
     assert sync_plans(model, n_tokens=LOCAL_BATCH * SEQ).keys() == set(requests)  # no group
+    bf16 = plan_requests(model, n_tokens=LOCAL_BATCH * SEQ, dtype=torch.bfloat16)
+    assert {q.dtype for q in bf16} == {torch.bfloat16}
 
 
 def test_installed_plans_are_used_without_measuring(tmp_path, monkeypatch):
     import runlora.planning.roofline
     from runlora.integrations.distributed import PlanRequest
-    from runlora.planning.planner import Plan, clear_plan_memo, install_plans
+    from runlora.planning.planner import (
+        Plan,
+        clear_plan_memo,
+        install_plans,
+        plan_bucketed,
+        plan_for,
+    )
 
     monkeypatch.setenv("RUNLORA_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(
         runlora.planning.roofline, "time_call", lambda *a, **k: pytest.fail("measured")
     )
-    request = PlanRequest(37, 48, 80, 4, "roofline", needs_input_grad=False)
+    request = PlanRequest.for_call(37, 48, 80, 4, criterion="roofline", needs_input_grad=False)
     chosen = Plan("lowrank_first", "gradient_split", "autograd", criterion="roofline")
     try:
-        assert install_plans([(vars(request), chosen.to_dict())]) == 1
-        assert request.plan() == chosen
+        assert install_plans([(request.to_dict(), chosen.to_dict())]) == 1
+        assert plan_bucketed(request) == chosen
+        assert plan_for(37, 48, 80, 4, criterion="roofline", needs_input_grad=False) == chosen
     finally:
         clear_plan_memo()
 
@@ -690,7 +705,10 @@ def test_plan_requests_see_the_layers_runlora_runs():
     for name, layer in lora_layers(plain).items():
         if not name.endswith("down_proj"):
             layer.plan = Plan("sequential", "B1")
-    assert {(q.in_features, q.out_features) for q in plan_requests(plain, n_tokens)} == {(176, 64)}
+    shapes = {
+        (q.problem.in_features, q.problem.out_features) for q in plan_requests(plain, n_tokens)
+    }
+    assert shapes == {(176, 64)}
 
 
 def test_save_adapter_in_one_process_writes_what_peft_writes(tmp_path):

@@ -15,7 +15,7 @@ from runlora.ops.variants import Problem
 from runlora.planning import cache as cache_mod
 from runlora.planning import measured as timing
 from runlora.planning.cache import PlanCache
-from runlora.planning.planner import Plan, candidates
+from runlora.planning.planner import Plan, PlanRequest, candidates
 
 
 @pytest.fixture(autouse=True)
@@ -192,18 +192,18 @@ def test_clear_cache_cli(isolated_cache, capsys):
 
 
 def test_cache_key_separates_devices_dtypes_and_flags():
-    from runlora.planning.cache import plan_key
-
     p = Problem(64, 8, 8, 2)
     keys = {
-        plan_key(p, "time", "cpu", torch.float32),
-        plan_key(p, "time", "cpu", torch.bfloat16),
-        plan_key(p, "roofline", "cpu", torch.float32),
-        plan_key(Problem(64, 8, 8, 2, needs_input_grad=False), "time", "cpu", torch.float32),
-        plan_key(Problem(64, 8, 8, 2, dropout=True), "time", "cpu", torch.float32),
-        plan_key(Problem(64, 8, 8, 2, bias=True), "time", "cpu", torch.float32),
+        PlanRequest(p, "time", torch.float32, "cpu").cache_key(),
+        PlanRequest(p, "time", torch.bfloat16, "cpu").cache_key(),
+        PlanRequest(p, "roofline", torch.float32, "cpu").cache_key(),
+        PlanRequest(Problem(64, 8, 8, 2, needs_input_grad=False), "time").cache_key(),
+        PlanRequest(Problem(64, 8, 8, 2, dropout=True), "time").cache_key(),
+        PlanRequest(Problem(64, 8, 8, 2, bias=True), "time").cache_key(),
+        PlanRequest(Problem(64, 8, 8, 2, quantized=True), "time").cache_key(),
+        PlanRequest(Problem(65, 8, 8, 2), "time").cache_key(),
     }
-    assert len(keys) == 6
+    assert len(keys) == 8
     assert torch.__version__ in next(iter(keys))
 
 

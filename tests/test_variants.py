@@ -160,20 +160,25 @@ def test_bucket_tokens_power_of_two_steps():
 
 def test_plan_for_is_memoised_per_bucket(monkeypatch):
     calls = []
-    real_plan_layer = planner.plan_layer
+    real_plan_request = planner.plan_request
 
-    def counting_plan_layer(*args, **kwargs):
-        calls.append(args)
-        return real_plan_layer(*args, **kwargs)
+    def counting_plan_request(request):
+        calls.append(request)
+        return real_plan_request(request)
 
-    monkeypatch.setattr(planner, "plan_layer", counting_plan_layer)
+    monkeypatch.setattr(planner, "plan_request", counting_plan_request)
     shape = (1237, 611, 5)  # in, out, r: a shape no other test plans
     plans = [plan_for(n, *shape) for n in (257, 300, 320, 300)]
     assert all(p is plans[0] for p in plans)
-    assert len(calls) == 1 and calls[0][0] == bucket_tokens(300) == 320
-    assert plans[0] == plan_layer(320, *shape)
+    assert len(calls) == 1 and calls[0].problem.n == bucket_tokens(300) == 320
     other = plan_for(321, *shape)
-    assert len(calls) == 2 and other == plan_layer(bucket_tokens(321), *shape)
+    assert len(calls) == 2 and calls[1].problem.n == bucket_tokens(321)
+    # lora_linear's resolver shares the memo: the same request plans nothing new.
+    problem = Problem(300, *shape)
+    assert planner.default_plan(problem, torch.float32, torch.device("cpu")) is plans[0]
+    assert len(calls) == 2
+    assert plans[0] == plan_layer(320, *shape)
+    assert other == plan_layer(bucket_tokens(321), *shape)
 
 
 def test_plan_for_keys_on_every_option():

@@ -30,7 +30,7 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,7 +38,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..planning.cache import default_cache, device_key
-from ..planning.planner import Plan, bucket_tokens, install_plans, plan_for
+from ..planning.planner import Plan, install_plans, plan_bucketed
+from ..planning.request import PlanRequest
 
 __all__ = [
     "PlanRequest",
@@ -51,40 +52,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, order=True)
-class PlanRequest:
-    """One call shape a LoRA layer will plan for (``plan_for``'s arguments but dtype/device).
-
-    ``n_tokens`` is stored bucketed as ``plan_for`` buckets it, so equal requests plan once.
-    """
-
-    n_tokens: int
-    in_features: int
-    out_features: int
-    r: int
-    criterion: str = "flops"
-    needs_input_grad: bool = True
-    bias: bool = False
-    dropout: float = 0.0
-    quantized: bool = False
-
-    def plan(self, dtype: torch.dtype | None = None, device=None) -> Plan:
-        """The plan this process runs for the request (memoised by ``plan_for``)."""
-        return plan_for(
-            self.n_tokens,
-            self.in_features,
-            self.out_features,
-            self.r,
-            criterion=self.criterion,
-            needs_input_grad=self.needs_input_grad,
-            bias=self.bias,
-            dropout=self.dropout,
-            dtype=dtype,
-            device=device,
-            quantized=self.quantized,
-        )
-
-
 def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, layer)`` for each layer that runs the op and plans by itself (a
     ``RunLoRALinear``, or a PEFT layer runlora accelerates) and has an adapter to run."""
@@ -95,7 +62,9 @@ def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def _layer_request(layer: nn.Module, n_tokens: int, needs_input_grad: bool) -> PlanRequest:
+def _layer_request(
+    layer: nn.Module, n_tokens: int, needs_input_grad: bool, dtype: torch.dtype, device
+) -> PlanRequest:
     from ..layers.layer import dropout_p, full_shape
 
     adapters = layer.op_adapters(layer.live_adapters())
@@ -106,21 +75,34 @@ def _layer_request(layer: nn.Module, n_tokens: int, needs_input_grad: bool) -> P
     in_features = full_shape(layer.lora_A[adapters[0]].weight)[1]
     out_features = full_shape(layer.lora_B[adapters[0]].weight)[0]
     dropout = dropout_p(layer.lora_dropout[adapters[0]]) if layer.training else 0.0
-    return PlanRequest(
-        bucket_tokens(n_tokens),
+    return PlanRequest.for_call(
+        n_tokens,
         in_features,
         out_features,
         r,
-        layer.criterion,
-        needs_input_grad,
-        bias is not None,
-        dropout if len(adapters) == 1 else 0.0,
-        quant is not None,
-    )
+        criterion=layer.criterion,
+        needs_input_grad=needs_input_grad,
+        bias=bias is not None,
+        dropout=dropout if len(adapters) == 1 else 0.0,
+        dtype=dtype,
+        device=device,
+        quantized=quant is not None,
+    ).bucketed()
+
+
+def _sorted(requests: Iterable[PlanRequest]) -> list[PlanRequest]:
+    """Each request once, in an order every rank agrees on (a rank's requests are all for its
+    own device, which therefore orders nothing)."""
+    return sorted(set(requests), key=lambda q: tuple(q.to_dict().values()))
 
 
 def plan_requests(
-    model: nn.Module, n_tokens: int, *, input_grad: Iterable[bool] = (True, False)
+    model: nn.Module,
+    n_tokens: int,
+    *,
+    input_grad: Iterable[bool] = (True, False),
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> list[PlanRequest]:
     """The distinct requests the LoRA layers of ``model`` make for ``n_tokens`` tokens per call.
 
@@ -132,17 +114,27 @@ def plan_requests(
         input_grad: which values of "x requires grad" to plan for. Both by default: the first
             adapted layer of a model with frozen embeddings sees an input without grad, the
             others one with grad (and gradient checkpointing changes which is which).
+        dtype: the dtype the layers compute in (bf16 under an FSDP2 ``MixedPrecisionPolicy``
+            or autocast); default the LoRA weights' dtype.
+        device: default the LoRA weights' device.
 
     Returns:
-        The requests, sorted, each once (layers of one shape share a request).
+        The requests (``runlora.planning.PlanRequest``, N bucketed), sorted, each once (layers
+        of one shape share a request).
     """
     if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 1:
         raise ValueError(f"n_tokens must be a positive int (batch × sequence), got {n_tokens!r}")
     flags = tuple(dict.fromkeys(bool(f) for f in input_grad))
-    requests = {
-        _layer_request(layer, n_tokens, flag) for _, layer in _lora_layers(model) for flag in flags
-    }
-    return sorted(requests)
+    weight = _first_lora_weight(model)
+    if dtype is None:
+        dtype = weight.dtype if weight is not None else torch.float32
+    if device is None:
+        device = weight.device if weight is not None else "cpu"
+    return _sorted(
+        _layer_request(layer, n_tokens, flag, dtype, device)
+        for _, layer in _lora_layers(model)
+        for flag in flags
+    )
 
 
 def _first_lora_weight(model: nn.Module) -> Tensor | None:
@@ -151,22 +143,15 @@ def _first_lora_weight(model: nn.Module) -> Tensor | None:
     return None
 
 
-def _resolve(
-    model_or_requests, n_tokens, input_grad, dtype, device
-) -> tuple[list[PlanRequest], torch.dtype, torch.device]:
+def _resolve(model_or_requests, n_tokens, input_grad, dtype, device) -> list[PlanRequest]:
     if isinstance(model_or_requests, nn.Module):
         if n_tokens is None:
             raise ValueError("n_tokens is required with a model: pass batch_size * seq_len")
-        requests = plan_requests(model_or_requests, n_tokens, input_grad=input_grad)
-        weight = _first_lora_weight(model_or_requests)
-    else:
-        requests = sorted(set(model_or_requests))
-        weight = None
-    if dtype is None:
-        dtype = weight.dtype if weight is not None else torch.float32
-    if device is None:
-        device = weight.device if weight is not None else torch.device("cpu")
-    return requests, dtype, torch.device(device)
+        return plan_requests(
+            model_or_requests, n_tokens, input_grad=input_grad, dtype=dtype, device=device
+        )
+    local = {k: v for k, v in (("dtype", dtype), ("device", device)) if v is not None}
+    return _sorted(replace(req, **local) for req in model_or_requests)
 
 
 def preplan(
@@ -185,14 +170,14 @@ def preplan(
         model_or_requests: a model with runlora layers, or ``PlanRequest``\\ s.
         n_tokens: batch size × sequence length per forward (with a model).
         dtype: the dtype the layers compute in (bf16 under an FSDP2 ``MixedPrecisionPolicy``
-            or autocast); default the LoRA weights' dtype.
-        device: default the LoRA weights' device.
+            or autocast); default the LoRA weights' dtype, or each request's own.
+        device: default the LoRA weights' device, or each request's own.
 
     Returns:
         ``{request: plan}``.
     """
-    requests, dtype, device = _resolve(model_or_requests, n_tokens, input_grad, dtype, device)
-    return {req: req.plan(dtype, device) for req in requests}
+    requests = _resolve(model_or_requests, n_tokens, input_grad, dtype, device)
+    return {req: plan_bucketed(req) for req in requests}
 
 
 def _world() -> tuple[int, int]:
@@ -217,7 +202,8 @@ def sync_plans(
     and plans each request; the plans and the calibration are broadcast, and the other ranks
     install them as their own (``planner.install_plans``), so no other rank measures anything,
     now or for a shape planned later by ``"roofline"``. With ``"flops"`` each rank plans (it is
-    deterministic and free). Then every rank's plans are compared with ``src``'s.
+    deterministic and free). Then every rank's plans are compared with ``src``'s (requests are
+    compared but for their device: each rank plans for its own).
 
     Without an initialised process group this is ``preplan``. Arguments as in ``preplan``;
     ``src`` is a global rank, ``group`` the process group (default: the world).
@@ -228,35 +214,51 @@ def sync_plans(
     Raises:
         RuntimeError: if the ranks' models ask for different requests, or a rank ends up with a
             plan other than ``src``'s (the error names the rank and the request).
+        ValueError: if the measured requests of one rank are for several dtypes or devices.
     """
-    requests, dtype, device = _resolve(model_or_requests, n_tokens, input_grad, dtype, device)
+    requests = _resolve(model_or_requests, n_tokens, input_grad, dtype, device)
     rank, world = _world()
     if world == 1:
-        return {req: req.plan(dtype, device) for req in requests}
-    if any(req.criterion != "flops" for req in requests):
+        return {req: plan_bucketed(req) for req in requests}
+    measured = [req for req in requests if req.criterion != "flops"]
+    if measured:
+        targets = {(req.dtype, req.device) for req in measured}
+        if len(targets) != 1:
+            raise ValueError(
+                f"runlora.sync_plans plans for one dtype and device per rank, got requests for "
+                f"{sorted((str(t), d) for t, d in targets)}; pass dtype= and device="
+            )
+        ((dtype, device),) = targets
         payload: list = [None]
         if rank == src:
             from ..planning.roofline import calibrate
 
             calibration = calibrate(dtype, device)
-            plans = [req.plan(dtype, device).to_dict() for req in requests]
-            payload = [([asdict(r) for r in requests], plans, calibration)]
+            plans = [plan_bucketed(req).to_dict() for req in requests]
+            payload = [([req.to_dict() for req in requests], plans, calibration)]
         dist.broadcast_object_list(payload, src=src, group=group)
         src_requests, plans, calibration = payload[0]
         if rank != src:
             _check_same_requests(requests, src_requests, rank, src)
             default_cache().put("devices", device_key(device, dtype), calibration)
-            install_plans(zip(src_requests, plans, strict=True), dtype=dtype, device=device)
-    result = {req: req.plan(dtype, device) for req in requests}
+            install_plans(zip(src_requests, plans, strict=True), device=device)
+    result = {req: plan_bucketed(req) for req in requests}
     _check_same_plans(result, rank, world, src, group)
     return result
 
 
+def _across_ranks(request: dict) -> tuple:
+    """What must agree between ranks of a ``PlanRequest.to_dict()``: all but the device (each
+    rank plans for its own)."""
+    return tuple((k, v) for k, v in request.items() if k != "device")
+
+
 def _check_same_requests(mine: list[PlanRequest], theirs: list[dict], rank: int, src: int):
-    theirs_set = {PlanRequest(**d) for d in theirs}
-    if set(mine) != theirs_set:
-        extra = sorted(set(mine) - theirs_set)[:3]
-        missing = sorted(theirs_set - set(mine))[:3]
+    mine_set = {_across_ranks(req.to_dict()) for req in mine}
+    theirs_set = {_across_ranks(d) for d in theirs}
+    if mine_set != theirs_set:
+        extra = [dict(q) for q in sorted(mine_set - theirs_set)[:3]]
+        missing = [dict(q) for q in sorted(theirs_set - mine_set)[:3]]
         raise RuntimeError(
             f"runlora.sync_plans: rank {rank}'s model asks for other layer shapes than rank "
             f"{src}'s (only here: {extra}, only on rank {src}: {missing}); every rank must wrap "
@@ -265,7 +267,7 @@ def _check_same_requests(mine: list[PlanRequest], theirs: list[dict], rank: int,
 
 
 def _check_same_plans(result: dict[PlanRequest, Plan], rank, world, src, group) -> None:
-    mine = [(asdict(req), _signature(plan)) for req, plan in result.items()]
+    mine = [(dict(_across_ranks(req.to_dict())), _signature(plan)) for req, plan in result.items()]
     gathered: list = [None] * world
     dist.all_gather_object(gathered, mine, group=group)
     src_index = src if group is None else dist.get_group_rank(group, src)

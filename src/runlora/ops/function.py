@@ -103,24 +103,27 @@ def run_backward(
     bwd: BackwardVariant,
     layout: str,
     dy: Tensor,
-    x2d: Tensor,
     weight_fn: WeightFn,
     a: Tensor,
     b: Tensor,
-    s: float,
     lx: Tensor | None,
-    mask: DropMask | None,
-    la: Tensor | None,
-    need_x: bool,
-    need_lora: bool,
+    *,
+    s: float = 1.0,
+    mask: DropMask | None = None,
+    la: Tensor | None = None,
+    need_x: bool = True,
+    need_lora: bool = True,
     w_owned: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dX ``(N, in)``, dA ``(r, in)``, dB ``(out, r)``) by order ``bwd``; None where not needed.
 
-    ``lx`` is the LoRA input (x, or x ⊙ keep with dropout), ``mask`` the dropout's
-    ``DropMask`` or None, ``s`` the LoRA branch's scaling (with dropout, s / (1 - p), so that
-    s·lx = s_user·dropout(x)), ``la`` a saved L Aᵀ or None. ``w_owned``: ``weight_fn``
-    returns a fresh buffer each call, which the merged orders may overwrite.
+    ``dy`` is ``(N, out)``, ``weight_fn()`` the base weight ``(out, in)``, ``a`` ``(r, in)``, ``b``
+    ``(out, r)``, and ``lx`` the LoRA input ``(N, in)`` (x, or x ⊙ keep with dropout; may be None
+    without ``need_lora``). ``s`` is the LoRA branch's scaling (with dropout, s / (1 - p), so
+    that s·lx = s_user·dropout(x)), ``mask`` the dropout's ``DropMask`` or None, ``la`` a saved
+    L Aᵀ ``(N, r)`` or None (recomputed). ``need_x`` / ``need_lora``: compute dX / dA and dB.
+    ``w_owned``: ``weight_fn`` returns a fresh buffer each call, which the merged orders may
+    overwrite.
     """
     need_z = (need_lora and bwd.da_from == "Z") or (need_x and bwd.dx == "split")
     z = z_product(dy, b, layout) if need_z else None  # (N, r)
@@ -203,17 +206,16 @@ class _LoRAFunction(torch.autograd.Function):
             ctx.bwd,
             ctx.layout,
             dy,
-            x2d,
             weight_fn,
             lora_a,
             lora_b,
-            ctx.scaling,
             lx,
-            mask,
-            la,
-            need_x,
-            need_a or need_b,
-            quant is not None,
+            s=ctx.scaling,
+            mask=mask,
+            la=la,
+            need_x=need_x,
+            need_lora=need_a or need_b,
+            w_owned=quant is not None,
         )
         dbias = dy.sum(0) if need_bias else None
         if dx is not None:

@@ -35,6 +35,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .checks import positive_int
+
 __all__ = [
     "LAYOUTS",
     "FORWARD_VARIANTS",
@@ -80,9 +82,7 @@ class Problem:
 
     def __post_init__(self) -> None:
         for name in ("n", "in_features", "out_features", "r"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            positive_int(name, getattr(self, name))
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Location: ``$RUNLORA_CACHE_DIR/plans.json``, else ``$XDG_CACHE_HOME/runlora/plan
 ``~/.cache/runlora/plans.json``. Layout::
 
     {"format": "runlora-plan-cache", "version": 1,
-     "plans":   {key: Plan.to_dict(), ...},
+     "plans":   {PlanRequest.cache_key(): Plan.to_dict(), ...},
      "devices": {device_key: {"peak_flops": ..., "bandwidth": ..., ...}, ...}}
 
 Writes merge under an exclusive ``flock`` on a side lock file, then replace the file atomically
@@ -32,7 +32,7 @@ try:
 except ImportError:  # Windows: atomic replace still holds, concurrent merges may drop entries
     fcntl = None
 
-__all__ = ["PlanCache", "default_cache", "cache_dir", "device_key", "plan_key"]
+__all__ = ["PlanCache", "default_cache", "cache_dir", "device_key"]
 
 FORMAT = "runlora-plan-cache"
 VERSION = 1
@@ -66,17 +66,6 @@ def device_key(device: torch.device | str, dtype: torch.dtype) -> str:
     device = torch.device(device)
     dt = str(dtype).replace("torch.", "")
     return f"{device.type}:{device_name(device)}|{dt}|torch{torch.__version__}"
-
-
-def plan_key(problem, criterion: str, device: torch.device | str, dtype: torch.dtype) -> str:
-    """The cache key of one plan: device, dtype, torch version, shape, gradient flags, bias,
-    dropout, quantization and criterion."""
-    p = problem
-    return (
-        f"{device_key(device, dtype)}|{criterion}|n{p.n}|{p.in_features}x{p.out_features}|r{p.r}"
-        f"|dx{int(p.needs_input_grad)}|lora{int(p.needs_lora_grad)}|bias{int(p.bias)}"
-        f"|drop{int(p.dropout)}|q{int(p.quantized)}"
-    )
 
 
 class PlanCache:

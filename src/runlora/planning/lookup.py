@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .planner import Plan, bucket_tokens, plan_for
+from .planner import Plan, plan_for
+from .request import bucket_tokens
 
 __all__ = ["lookup_plan", "token_bucket"]
 
@@ -40,6 +41,7 @@ def token_bucket(n_tokens) -> int:
 
 @torch.compiler.assume_constant_result
 def _plan_fields(bucket, in_f, out_f, r, criterion, needs_x, bias, dropout, dtype, device, quant):
+    # Plain constants in, plain constants out: Dynamo runs this once per bucket, outside the graph.
     plan = plan_for(
         bucket,
         in_f,
@@ -72,32 +74,35 @@ def lookup_plan(
 ) -> Plan:
     """``plan_for`` with the same arguments; traceable by Dynamo without graph breaks.
 
-    Eagerly it returns ``plan_for``'s own Plan (with its FLOP figures); under ``torch.compile`` a
-    Plan carrying the chosen names only, rebuilt in the graph from constants.
+    Eagerly it is ``plan_for`` (which builds the ``PlanRequest`` on a memo miss) and returns its
+    Plan (with its FLOP figures); under ``torch.compile`` a Plan carrying the chosen names only,
+    rebuilt in the graph from constants.
     """
-    kwargs = dict(
-        criterion=criterion,
-        needs_input_grad=bool(needs_input_grad),
-        bias=bool(bias),
-        dropout=float(dropout),
-        dtype=dtype,
-        device=device,
-        quantized=bool(quantized),
-    )
     if not torch.compiler.is_compiling():
-        return plan_for(max(1, n_tokens), in_features, out_features, r, **kwargs)
-    dev = str(torch.device(device)) if device is not None else "cpu"
+        return plan_for(
+            max(1, n_tokens),
+            in_features,
+            out_features,
+            r,
+            criterion=criterion,
+            needs_input_grad=needs_input_grad,
+            bias=bias,
+            dropout=dropout,
+            dtype=dtype,
+            device=device,
+            quantized=quantized,
+        )
     fwd, bwd, layout, chosen_by = _plan_fields(
         token_bucket(n_tokens),
         in_features,
         out_features,
         r,
         criterion,
-        kwargs["needs_input_grad"],
-        kwargs["bias"],
-        kwargs["dropout"],
+        bool(needs_input_grad),
+        bool(bias),
+        float(dropout),
         dtype,
-        dev,
-        kwargs["quantized"],
+        str(torch.device(device)) if device is not None else "cpu",
+        bool(quantized),
     )
     return Plan(fwd, bwd, layout, criterion=chosen_by)
