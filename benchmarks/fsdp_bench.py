@@ -9,7 +9,7 @@ Per rank it reports:
 - step ms: median forward + backward + optimizer step, the ranks aligned by a barrier;
 - saved MiB: bytes autograd keeps for backward in one step (each storage once, parameters
   excluded, and so are FSDP2's all-gathered weights and the views autograd saves of them:
-  ``runlora.bench.model_bench.saved_tensor_bytes``);
+  ``runlora.bench.memory.saved_tensor_bytes``);
 - peak RSS MiB: the process's high-water mark (``ru_maxrss``) at the end.
 
     python benchmarks/fsdp_bench.py --model llama_60m --nproc 2 --batch-size 4 --seq-len 256 \\
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from runlora.bench.model_bench import saved_tensor_bytes
+from runlora.bench.memory import saved_tensor_bytes
 from runlora.integrations.distributed import shutdown
 
 ARMS = ("runlora", "peft")

@@ -1069,7 +1069,8 @@ def worker_serve(args) -> int:
     sys.path.insert(0, str(SELF.parent))
     import serve_bench
 
-    from runlora.bench.model_bench import environment, interleave
+    from runlora.bench.harness import interleave
+    from runlora.bench.report import environment
 
     device = torch.device(args.device)
     shape = ["--batch-size", "4", "--seq-len", "16", "--prompt-len", "8", "--new-tokens", "2",

@@ -35,7 +35,8 @@ import peft
 import torch
 
 from runlora import LoraConfig, get_runlora_model
-from runlora.bench.model_bench import environment, interleave
+from runlora.bench.harness import interleave
+from runlora.bench.report import environment
 from runlora.configs import build_model, load_config
 from runlora.integrations.peft import is_accelerated
 

@@ -10,17 +10,10 @@ import json
 import pytest
 import torch
 
+from runlora.bench.harness import Arm, interleave, measure_arms
 from runlora.bench.layer_bench import LayerArm, LayerSettings, measure_layer
-from runlora.bench.model_bench import (
-    MIB,
-    Arm,
-    BenchSettings,
-    ConfigResult,
-    format_table,
-    interleave,
-    measure_arms,
-    saved_tensor_bytes,
-)
+from runlora.bench.memory import MIB, saved_tensor_bytes
+from runlora.bench.model_bench import BenchSettings, ConfigResult, format_table
 from runlora.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -50,10 +43,10 @@ def _error_line(capsys) -> str:
         (["-m", "llama_6m"], "unknown model 'llama_6m'"),
         (["-m", "llama_tiny", "--dtype", "fp16", "--device", "cpu"], "fp16 .* not supported"),
         (["-m", "llama_tiny", "--dtype", "fp64"], "unknown dtype 'fp64'"),
-        (["-m", "llama_tiny", "--batch-size", "0"], "batch size must be an int >= 1, got 0"),
+        (["-m", "llama_tiny", "--batch-size", "0"], "batch size must be a positive int, got 0"),
         (["-m", "llama_tiny", "--seq-len", "129"], "above llama_tiny's max_position_embeddings"),
         (["-m", "llama_tiny", "llama_60m", "--seq-len", "1025"], "above llama_tiny's"),
-        (["-m", "llama_tiny", "-d", "1.0"], r"dropout must be in \[0, 1\)"),
+        (["-m", "llama_tiny", "-d", "1.0"], r"lora dropout must be a float in \[0, 1\), got 1.0"),
         (["-m", "llama_tiny", "--criterions", "fastest"], "unknown criterion 'fastest'"),
         (["-m", "llama_tiny", "--min-run-time", "-1"], "min run time must be >= 0"),
     ],

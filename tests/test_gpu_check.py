@@ -22,6 +22,8 @@ import pytest
 import torch
 
 import runlora
+import runlora.bench.harness as harness
+import runlora.bench.memory as memory
 import runlora.bench.model_bench as bench
 import runlora.ops.dropout as dropout
 import runlora.ops.function as function
@@ -184,7 +186,7 @@ def _bench_doc(row, batch: int) -> dict:
     peak = 2**30
 
     def arm(name, kind, ms, saved):
-        return bench.ArmResult(name, kind, [ms, ms + 2.0], saved, peak, "cuda_max_allocated")
+        return harness.ArmResult(name, kind, [ms, ms + 2.0], saved, peak, "cuda_max_allocated")
 
     arms = [
         arm("floor", "floor", 100.0, 900 * 2**20),
@@ -524,17 +526,17 @@ def test_bench_memory_on_cuda_is_max_memory_allocated_over_the_step(monkeypatch)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", Recorder(events, "reset"))
     peak_now = Recorder(events, "max", lambda: allocated[0] + 5 * 2**20)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", peak_now)
-    peak, kind = bench._peak_bytes(lambda: events.append("step"), "cuda")
+    peak, kind = memory.peak_bytes(lambda: events.append("step"), "cuda")
     assert (peak, kind) == (5 * 2**20, "cuda_max_allocated")
     assert events == ["sync", "allocated", "reset", "step", "sync", "max"]
 
     events.clear()
     clock = iter(i * 0.01 for i in range(10**6))
     arms = [
-        bench.Arm(name, kind, lambda n=name: events.append(n) or torch.ones(()))
+        harness.Arm(name, kind, lambda n=name: events.append(n) or torch.ones(()))
         for name, kind in (("floor", "floor"), ("peft", "peft"))
     ]
-    results = bench.measure_arms(
+    results = harness.measure_arms(
         arms, device="cuda", warmup_rounds=1, min_run_time=0.0, min_rounds=2,
         clock=lambda: next(clock),
     )  # fmt: skip

@@ -8,13 +8,13 @@ For each shape ``(in, out)`` and rank r, on X ``(N, in)`` requiring grad and a f
     runlora   ``runlora.lora_linear`` on the same W, A and B, with ``plan_layer``'s plan
 
 All arms share W; runlora's A and B are copies of PEFT's, and with dropout 0 both outputs are
-checked to agree before timing. ``variant_arms`` instead times every exact (forward, backward,
+checked to agree before timing; timed and measured as the model bench's arms
+(``harness.measure_arms``). ``variant_arms`` instead times every exact (forward, backward,
 layout) triple of runlora on one shape, to see which order and layout the device prefers.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,11 +22,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..ops.checks import dropout_probability, positive_int
 from ..ops.function import lora_linear
 from ..ops.variants import LAYOUTS, Problem
 from ..planning.planner import Plan, plan_layer
 from ..planning.scoring import candidates, pair_cost
-from .model_bench import DTYPES, MIB, Clock, interleave, saved_tensor_bytes
+from .harness import (
+    DTYPES,
+    Arm,
+    BenchError,
+    Clock,
+    check_run,
+    mean_ratio,
+    measure_arms,
+    round_ratio_median,
+)
+from .memory import MIB, storage_ptrs
+from .report import text_table
 
 __all__ = [
     "LayerSettings",
@@ -54,43 +66,35 @@ class LayerSettings:
     min_run_time: float = 2.0
     warmup_rounds: int = 2
     min_rounds: int = 5
+    max_rounds: int = 10_000
     seed: int = 0
 
     def check(self) -> None:
         """Raise ValueError, saying what to change, on settings that cannot run."""
-        from ..planning.planner import CRITERIA
-        from .model_bench import BenchError, BenchSettings
-
-        sizes = [
-            ("n tokens", self.n_tokens),
-            *(("rank", r) for r in self.ranks),
-            *(("shape size", d) for shape in self.shapes for d in shape),
-        ]
-        for name, value in sizes:
-            if not isinstance(value, int) or value < 1:
-                raise BenchError(f"{name} must be a positive int, got {value!r}")
+        positive_int("n tokens", self.n_tokens)
+        for r in self.ranks:
+            positive_int("rank", r)
+        for d in (d for shape in self.shapes for d in shape):
+            positive_int("shape size", d)
         if not self.shapes or not self.ranks:
             raise BenchError("give at least one shape and one rank")
-        if self.criterion not in CRITERIA:
-            raise BenchError(f"unknown criterion {self.criterion!r}; known: {', '.join(CRITERIA)}")
-        BenchSettings(
-            lora_dropout=self.dropout,
+        dropout_probability("lora dropout", self.dropout)
+        check_run(
             dtype=self.dtype,
             device=self.device,
+            criterions=(self.criterion,),
             min_run_time=self.min_run_time,
             warmup_rounds=self.warmup_rounds,
             min_rounds=self.min_rounds,
-        ).check()
+            max_rounds=self.max_rounds,
+        )
 
 
 @dataclass
-class LayerArm:
-    """One timed implementation of one layer call: ``step()`` is forward + backward."""
+class LayerArm(Arm):
+    """One timed implementation of one layer call: ``step()`` is forward + backward; ``kind``
+    is ``"frozen"``, ``"peft"`` or ``"runlora"``, the latter with the ``plan`` it runs."""
 
-    name: str
-    kind: str  # "frozen", "peft" or "runlora"
-    step: Callable[[], object]
-    exclude: frozenset[int]
     plan: Plan | None = None
 
 
@@ -146,8 +150,7 @@ class _Case:
 
     @property
     def exclude(self) -> frozenset[int]:
-        tensors = (self.linear.weight, self.lora_a, self.lora_b, *self.peft_params)
-        return frozenset(t.untyped_storage().data_ptr() for t in tensors)
+        return storage_ptrs((self.linear.weight, self.lora_a, self.lora_b, *self.peft_params))
 
 
 def _case(in_f: int, out_f: int, r: int, settings: LayerSettings) -> _Case:
@@ -218,7 +221,7 @@ def layer_arms(in_f: int, out_f: int, r: int, settings: LayerSettings) -> list[L
     )
     _check_agree(case, plan)
     ours = case.step(lambda: case.runlora(plan), case.x, case.lora_a, case.lora_b)
-    return [*_reference_arms(case), LayerArm("runlora", "runlora", ours, case.exclude, plan)]
+    return [*_reference_arms(case), LayerArm("runlora", "runlora", ours, case.exclude, plan=plan)]
 
 
 def variant_arms(in_f: int, out_f: int, r: int, settings: LayerSettings) -> list[LayerArm]:
@@ -233,7 +236,9 @@ def variant_arms(in_f: int, out_f: int, r: int, settings: LayerSettings) -> list
             _check_agree(case, plan)
             step = case.step(lambda plan=plan: case.runlora(plan), case.x, case.lora_a, case.lora_b)
             arms.append(
-                LayerArm(f"{fwd.name}+{bwd.name}/{layout}", "runlora", step, case.exclude, plan)
+                LayerArm(
+                    f"{fwd.name}+{bwd.name}/{layout}", "runlora", step, case.exclude, plan=plan
+                )
             )
     return arms
 
@@ -246,41 +251,43 @@ def measure_layer(
     progress: bool = False,
     desc: str = "",
 ) -> list[dict]:
-    """Time the arms interleaved, count each one's saved bytes on one more untimed step, and
-    return one row per arm: ms mean/std/median, ``x_frozen`` and ``x_peft`` (mean time over
-    that arm's), ``saved_mib`` (saved for backward, W, A and B excluded), the plan."""
-    sync = torch.cuda.synchronize if settings.device == "cuda" else (lambda: None)
-    times = interleave(
-        {arm.name: arm.step for arm in arms},
+    """``measure_arms`` on the layer's arms, one row per arm: ms mean/std/median, ``x_frozen``
+    and ``x_peft`` (mean time over that arm's; ``*_median``: the median of the per-round
+    ratios), ``saved_mib`` (saved for backward, W, A and B excluded), ``peak_mib``, the plan."""
+    results = measure_arms(
+        arms,
+        device=settings.device,
         warmup_rounds=settings.warmup_rounds,
         min_run_time=settings.min_run_time,
         min_rounds=settings.min_rounds,
+        max_rounds=settings.max_rounds,
         clock=clock,
-        sync=sync,
         progress=progress,
         desc=desc,
     )
-    means = {name: statistics.fmean(t) * 1e3 for name, t in times.items()}
-    kinds = {arm.kind: arm.name for arm in arms}
+    by_kind = {res.kind: res for res in results}
+    frozen, peft = by_kind.get("frozen"), by_kind.get("peft")
     rows = []
-    for arm in arms:
-        saved, _ = saved_tensor_bytes(arm.step, arm.exclude)
-        ms = [t * 1e3 for t in times[arm.name]]
+    for arm, res in zip(arms, results, strict=True):
+        plan = arm.plan
         rows.append(
             {
-                "arm": arm.name,
-                "kind": arm.kind,
-                "steps": len(ms),
-                "ms_mean": means[arm.name],
-                "ms_std": statistics.stdev(ms) if len(ms) > 1 else 0.0,
-                "ms_median": statistics.median(ms),
-                "x_frozen": means[arm.name] / means[kinds["frozen"]] if "frozen" in kinds else None,
-                "x_peft": means[arm.name] / means[kinds["peft"]] if "peft" in kinds else None,
-                "saved_mib": saved / MIB,
-                "forward": arm.plan.forward if arm.plan else None,
-                "backward": arm.plan.backward if arm.plan else None,
-                "layout": arm.plan.layout if arm.plan else None,
-                "predicted_flops": arm.plan.flops if arm.plan else None,
+                "arm": res.name,
+                "kind": res.kind,
+                "steps": len(res.times_ms),
+                "ms_mean": res.mean_ms,
+                "ms_std": res.std_ms,
+                "ms_median": res.median_ms,
+                "x_frozen": mean_ratio(res, frozen),
+                "x_peft": mean_ratio(res, peft),
+                "x_frozen_median": round_ratio_median(res, frozen),
+                "x_peft_median": round_ratio_median(res, peft),
+                "saved_mib": res.saved_bytes / MIB,
+                "peak_mib": None if res.peak_bytes is None else res.peak_bytes / MIB,
+                "forward": plan.forward if plan else None,
+                "backward": plan.backward if plan else None,
+                "layout": plan.layout if plan else None,
+                "predicted_flops": plan.flops if plan else None,
             }
         )
     return rows
@@ -305,13 +312,4 @@ def format_layer_table(rows: list[dict]) -> str:
                 plan if row["arm"] == "runlora" else "",
             ]
         )
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    left = {0, 2, 8}
-    lines = []
-    for r in [head, *body]:
-        cells = [
-            c.ljust(w) if i in left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    return "\n".join(text_table(head, body, left={0, 2, 8}))

@@ -5,14 +5,16 @@
     runlora bench --list
 
 Arms run interleaved on shared weights; see ``runlora.bench`` for what each figure measures.
-Writes PREFIX.csv, PREFIX.json and PREFIX.png (default prefix runlora_out/bench).
+Writes PREFIX.csv, PREFIX.json and PREFIX.png (default prefix runlora_out/bench). Needs
+transformers and peft (pip install 'runlora[bench]'), checked before anything runs; without
+matplotlib the CSV and JSON are written, and the PNG is skipped with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import CliError
+from . import CliError, optional, require
 
 #: the no-argument job (``make bench``): a few minutes on a 2-core CPU.
 DEFAULT_MODELS = ("llama_20m", "llama_60m")
@@ -124,6 +126,7 @@ def add_parser(sub, name: str) -> None:
         help="write PREFIX.csv, PREFIX.json, PREFIX.png (default runlora_out/bench)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plot", action="store_true", help="write no PREFIX.png")
 
 
 def _list_configs() -> str:
@@ -145,19 +148,17 @@ def _list_configs() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench.model_bench import (
-        BenchError,
-        BenchSettings,
-        format_table,
-        resolve_device,
-        run_bench,
-        write_outputs,
-    )
+    from ..bench.harness import BenchError, resolve_device
+    from ..bench.model_bench import BenchSettings, format_table, run_bench, write_outputs
     from ..configs import load_config
 
     if args.list:
+        require(["transformers"], "hf")
         print(_list_configs())
         return 0
+    require(["transformers", "peft"], "bench")
+    if args.quant != "none":
+        require(["bitsandbytes"], "quant")
     settings = BenchSettings(
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -180,11 +181,17 @@ def run(args: argparse.Namespace) -> int:
             settings.check_model(load_config(name))
     except ValueError as err:
         raise CliError(str(err)) from None
+    plot = not args.no_plot and optional(
+        "matplotlib",
+        "bench",
+        command="bench",
+        skipped=f"{args.out}.png is not drawn (the CSV and JSON are written)",
+    )
     try:
         results = run_bench(args.model, settings, progress=not args.no_progress)
     except BenchError as err:  # e.g. target modules that match no layer
         raise CliError(str(err)) from None
     print(format_table(results, settings))
-    paths = write_outputs(results, settings, args.out)
+    paths = write_outputs(results, settings, args.out, plot=plot)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

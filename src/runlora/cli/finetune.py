@@ -3,6 +3,9 @@ step by step with PEFT.
 
     runlora finetune -m llama_60m --steps 300 --compare -o runs/llama_60m
     runlora finetune -m minilm --epochs 3 --compare -o runs/minilm
+
+Needs transformers and peft (pip install 'runlora[hf]'), checked before anything runs. Without
+matplotlib, --compare writes the adapters and the log, and skips loss_curves.png with a warning.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from . import CliError
+from . import CliError, optional, require
 
 __all__ = ["add_parser", "run"]
 
@@ -29,6 +32,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
         name,
         help="LoRA fine-tuning, with --compare against PEFT",
         description=__doc__.split("\n\n")[0].replace("\n", " "),
+        epilog=__doc__.split("\n\n")[-1].replace("\n", " "),  # what it needs installed
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
@@ -73,6 +77,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
         help="where the adapter(s), finetune_log.json and loss_curves.png go",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plot", action="store_true", help="with --compare: no loss_curves.png")
     return p
 
 
@@ -85,8 +90,19 @@ def run(args: argparse.Namespace) -> int:
     from ..recipes import data
     from ..recipes.finetune import FinetuneOptions, finetune, summary_line
 
+    require(["transformers", "peft"], "hf")
     if args.criterion not in CRITERIA:
         raise CliError(f"unknown --criterion {args.criterion!r}; known: {', '.join(CRITERIA)}")
+    plot = (
+        args.compare
+        and not args.no_plot
+        and optional(
+            "matplotlib",
+            "bench",
+            command="finetune",
+            skipped="loss_curves.png is not drawn (the adapters and the log are written)",
+        )
+    )
     try:
         options = FinetuneOptions(
             model=args.model,
@@ -107,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
             compare=args.compare,
             output_dir=args.output_dir,
             progress=not args.no_progress,
+            plot=plot,
         )
     except ValueError as err:  # an option out of range
         raise CliError(str(err)) from err

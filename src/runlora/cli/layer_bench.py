@@ -4,8 +4,8 @@
     runlora layer-bench --shapes 4096x4096 -r 16 --dtype bf16 --device cuda
     runlora layer-bench --variants --shapes 1024x2736 -r 8   # every runlora order and layout
 
-Arms run interleaved on one shared W; see ``runlora.layer_bench``. Writes PREFIX.csv and
-PREFIX.json (default prefix runlora_out/layer_bench).
+Arms run interleaved on one shared W; see ``runlora.bench.layer_bench``. Writes PREFIX.csv and
+PREFIX.json (default prefix runlora_out/layer_bench). Needs peft (pip install 'runlora[bench]').
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from . import CliError
+from . import CliError, require
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -95,6 +95,7 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..bench.harness import resolve_device
     from ..bench.layer_bench import (
         LayerSettings,
         format_layer_table,
@@ -102,8 +103,9 @@ def run(args: argparse.Namespace) -> int:
         measure_layer,
         variant_arms,
     )
-    from ..bench.model_bench import BenchError, environment, resolve_device, write_csv_json
+    from ..bench.report import environment, write_csv_json
 
+    require(["peft"], "bench")
     settings = LayerSettings(
         n_tokens=args.n_tokens,
         shapes=tuple(args.shapes),
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         settings.check()
-    except BenchError as err:
+    except ValueError as err:
         raise CliError(str(err)) from None
     jobs = [(s, r) for s in settings.shapes for r in settings.ranks]
     if args.variants:

@@ -1,6 +1,8 @@
 """``runlora plan``: which computation order each target layer of a model would run, and why.
 
 runlora plan -m llama_1.3b --batch-size 8 --seq-len 1024 -r 16 --criterion roofline
+
+Needs transformers (pip install 'runlora[hf]') to read the model config.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..bench.harness import DTYPES
+from ..ops.checks import dropout_probability, name_matches, positive_int
 from ..ops.variants import BACKWARD_VARIANTS, FORWARD_VARIANTS, Problem
 from ..planning.cache import default_cache
 from ..planning.planner import CRITERIA, plan_layer
-from . import CliError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from . import CliError, require
 
 
 def add_parser(sub, name: str) -> None:
@@ -63,7 +65,7 @@ def target_linears(model: nn.Module, targets: list[str] | None) -> dict[str, nn.
         if targets is None:
             if leaf not in ("lm_head", "classifier", "score", "pooler", "dense_head"):
                 found[name] = mod
-        elif any(name == t or name.endswith("." + t) or leaf == t for t in targets):
+        elif any(name_matches(name, t) for t in targets):
             found[name] = mod
     if not found:
         raise CliError(f"no nn.Linear matches --target-modules {targets}")
@@ -158,13 +160,15 @@ def run(args) -> int:
             return 0
     if args.model is None:
         raise CliError("-m/--model is required (or --clear-cache alone)")
+    require(["transformers"], "hf")
     if args.criterion not in CRITERIA:
         raise CliError(f"unknown criterion {args.criterion!r}; known: {', '.join(CRITERIA)}")
-    for opt in ("batch_size", "seq_len", "lora_r"):
-        if getattr(args, opt) < 1:
-            raise CliError(
-                f"--{opt.replace('_', '-')} must be a positive int, got {getattr(args, opt)}"
-            )
+    try:
+        for opt in ("batch_size", "seq_len", "lora_r"):
+            positive_int(f"--{opt.replace('_', '-')}", getattr(args, opt))
+        dropout_probability("--lora-dropout", args.lora_dropout)
+    except ValueError as err:
+        raise CliError(str(err)) from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {args.device} asked for, but torch sees no CUDA device")
     model = _meta_model(args.model)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..ops.checks import dropout_probability, positive_int
 from . import data
 
 __all__ = [
@@ -77,18 +78,17 @@ class FinetuneOptions:
     compare: bool = False
     output_dir: str | None = None
     progress: bool = True
+    #: with ``compare``: draw loss_curves.png (needs matplotlib)
+    plot: bool = True
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "lora_r"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+            positive_int(name, getattr(self, name))
+        if self.steps is not None:
+            positive_int("steps", self.steps)
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"epochs must be positive, got {self.epochs!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        dropout_probability("lora_dropout", self.lora_dropout)
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.backend not in BACKENDS:
@@ -559,7 +559,7 @@ def finetune(options: FinetuneOptions, task: Task | None = None) -> dict:
 
     Writes under ``options.output_dir`` (when set): ``<backend>/`` (the adapter, PEFT format),
     ``finetune_log.json`` (options, per-step loss and time, eval results), and with compare
-    ``loss_curves.png``.
+    and ``options.plot`` ``loss_curves.png``.
 
     Returns:
         ``{"runs": {backend: RunResult}, "models": {backend: model}, "summary": dict | None,
@@ -589,6 +589,6 @@ def finetune(options: FinetuneOptions, task: Task | None = None) -> dict:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / LOG_NAME).write_text(json.dumps(log, indent=1))
-        if summary is not None:
+        if summary is not None and options.plot:
             plot_losses(runs, f"{task.description}\n{summary_line(summary)}", out / PLOT_NAME)
     return {"runs": runs, "models": models, "summary": summary, "log": log, "task": task}
