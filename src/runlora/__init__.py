@@ -19,7 +19,16 @@ from .integrations.peft import (
     unpatch_peft,
 )
 from .layers import RunLoRALinear
-from .ops import BACKWARD_VARIANTS, FORWARD_VARIANTS, LAYOUTS, Plan, lora_linear, set_plan_resolver
+from .ops import (
+    BACKWARD_VARIANTS,
+    FORWARD_VARIANTS,
+    LAYOUTS,
+    DoRAPlan,
+    Plan,
+    dora_linear,
+    lora_linear,
+    set_plan_resolver,
+)
 from .planning import CRITERIA, default_plan, plan_layer
 
 # The op knows no planner: lora_linear(plan=None) plans by FLOPs through runlora.planning.
@@ -29,7 +38,9 @@ __version__ = "0.2.0"
 
 __all__ = [
     "lora_linear",
+    "dora_linear",
     "Plan",
+    "DoRAPlan",
     "plan_layer",
     "CRITERIA",
     "FORWARD_VARIANTS",

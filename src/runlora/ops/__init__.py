@@ -1,16 +1,21 @@
 """The paper's math: the LoRA op's computation orders as data with their cost model
 (``variants``), the products in each layout (``products``), regenerated dropout masks
-(``dropout``), the ``Plan`` the op runs (``plan``) and the op itself (``lora_linear``).
+(``dropout``), the ``Plan`` the op runs (``plan``) and the op itself (``lora_linear``); DoRA's
+orders (``dora_variants``) and op (``dora_linear``) beside it.
 
 Nothing here imports the rest of runlora.
 """
 
+from .dora import dora_linear
+from .dora_variants import DoRAPlan
 from .function import lora_linear, set_plan_resolver
 from .plan import Plan, as_plan
 from .variants import BACKWARD_VARIANTS, FORWARD_VARIANTS, LAYOUTS, Problem
 
 __all__ = [
     "lora_linear",
+    "dora_linear",
+    "DoRAPlan",
     "set_plan_resolver",
     "Plan",
     "as_plan",
