@@ -770,7 +770,7 @@ class FakeQuant:
         return self.weight.to(dtype).clone()
 
     def check(self, x, lora_a, lora_b, bias) -> None:
-        function._check(x, self.weight.to(x.dtype), lora_a, lora_b, bias, 1.0, 0.0)
+        function.check_args(x, self.weight.to(x.dtype), lora_a, lora_b, bias, 1.0, 0.0)
 
 
 @pytest.mark.parametrize("plan", SAMPLE_ORDERS + SAMPLE_DROPOUT_ORDERS, ids=_order_id)

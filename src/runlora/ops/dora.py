@@ -281,17 +281,15 @@ class _DoRAFunction(torch.autograd.Function):
             plan.lora.backward_variant,
             plan.lora.layout,
             dy,
-            lx,
             weight_fn,
             lora_a,
             b_g,
-            s,
             lx,
-            None,
-            la,
-            need_x,
-            need_lora,
-            True,
+            s=s,
+            la=la,
+            need_x=need_x,
+            need_lora=need_lora,
+            w_owned=True,
         )
         dm = None
         if need_m:
@@ -409,13 +407,13 @@ def dora_linear(
             for t in (x, weight, lora_A, lora_B, magnitude, bias)
         )
     if quant is None:
-        function._check(x, weight, lora_A, lora_B, bias, scaling, dropout)
+        function.check_args(x, weight, lora_A, lora_B, bias, scaling, dropout)
         out_f, in_f = weight.shape
     else:
         quant.check(x, lora_A, lora_B, bias)
         out_f, in_f = quant.shape
         stand_in = x.new_zeros(()).expand(out_f, in_f)  # W's shape, one element of memory
-        function._check(x, stand_in, lora_A, lora_B, bias, scaling, dropout)
+        function.check_args(x, stand_in, lora_A, lora_B, bias, scaling, dropout)
     _check_magnitude(x, magnitude, out_f)
     p = float(dropout) if training else 0.0
     grad = torch.is_grad_enabled()
@@ -454,5 +452,6 @@ def dora_linear(
 
 
 def _lora_problem(problem: Problem) -> Problem:
-    """``problem`` as the LoRA pair sees it: one input (x, or L = x ⊙ keep), no dropout."""
-    return dataclasses.replace(problem, dropout=False)
+    """``problem`` as the LoRA pair sees it: one input (x, or L = x ⊙ keep), no dropout, and
+    planned as trainable (the planner plans every adapter so; a frozen one runs any plan)."""
+    return dataclasses.replace(problem, dropout=False, needs_lora_grad=True)
