@@ -255,12 +255,16 @@ def check_reference() -> Callable[..., Tensor]:
 
 def count_op_calls(monkeypatch) -> list:
     """From now on, one entry per call of runlora's op from a layer (``runlora.layers.layer``'s
-    ``lora_linear``): how the tests see that a layer ran runlora's op, not PEFT's forward."""
+    ``lora_linear``, or ``dora_linear`` for a DoRA adapter): how the tests see that a layer ran
+    runlora's op, not PEFT's forward."""
     import runlora.layers.layer
 
     calls: list = []
-    real = runlora.layers.layer.lora_linear
-    monkeypatch.setattr(
-        runlora.layers.layer, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    for name in ("lora_linear", "dora_linear"):
+        real = getattr(runlora.layers.layer, name)
+        monkeypatch.setattr(
+            runlora.layers.layer,
+            name,
+            lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k),
+        )
     return calls

@@ -79,17 +79,16 @@ def test_peft_features_fall_back_to_peft(monkeypatch):
     assert isinstance(layer, peft.tuners.lora.Linear) and is_accelerated(layer)
 
 
-def test_dora_layers_keep_peft_forward(monkeypatch):
+def test_dora_layers_run_the_dora_op(monkeypatch):
     base = llama()
     reference = peft.get_peft_model(
         base, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
     )
-    with pytest.warns(UserWarning, match="none of this model's 2 LoRA layers"):
-        model = from_peft(copy.deepcopy(reference))
+    model = from_peft(copy.deepcopy(reference))
     calls = count_op_calls(monkeypatch)
     with torch.no_grad():
         torch.testing.assert_close(model(**text_batch()).logits, reference(**text_batch()).logits)
-    assert not calls
+    assert len(calls) == 2
 
 
 def test_model_without_lora_layers_warns():

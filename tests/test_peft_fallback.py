@@ -21,7 +21,6 @@ peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 FALLBACKS = {
-    "dora": (dict(target_modules=["q_proj", "v_proj"], use_dora=True), "DoRA"),
     "lora_bias": (dict(target_modules=["q_proj", "v_proj"], lora_bias=True), "lora_bias"),
     "embedding": (dict(target_modules=["embed_tokens"]), "Embedding LoRA"),
 }
@@ -111,9 +110,10 @@ def test_a_model_with_some_layers_on_the_op_does_not_warn(monkeypatch):
     assert engines["q_proj"][0] == "runlora"
 
 
-def test_a_dora_adapter_beside_a_plain_one_falls_back_per_adapter(monkeypatch):
-    """One layer, two adapters: the plain one on the op, the DoRA one on PEFT's forward, and
-    both active at once on PEFT's forward; always PEFT's results."""
+def test_a_dora_adapter_beside_a_plain_one_falls_back_when_both_are_active(monkeypatch):
+    """One layer, two adapters: the plain one on the op, the DoRA one on the DoRA op, both
+    active at once on PEFT's forward (PEFT adds the DoRA term onto the plain one's output);
+    always PEFT's results."""
     base = llama()
     models = []
     for build in (peft.get_peft_model, runlora.get_runlora_model):
@@ -126,7 +126,7 @@ def test_a_dora_adapter_beside_a_plain_one_falls_back_per_adapter(monkeypatch):
     assert is_accelerated(layer)
     calls = count_op_calls(monkeypatch)
     batch = text_batch()
-    for active, on_op in (("default", True), ("d", False), (["default", "d"], False)):
+    for active, on_op in (("default", True), ("d", True), (["default", "d"], False)):
         for model in (reference, ours):
             model.base_model.set_adapter(active)
         calls.clear()
@@ -138,7 +138,7 @@ def test_a_dora_adapter_beside_a_plain_one_falls_back_per_adapter(monkeypatch):
         )
         assert row.engine == ("runlora" if on_op else "peft"), (active, row)
         if not on_op:
-            assert "DoRA" in row.detail
+            assert "several active adapters with DoRA" in row.detail
     ours.eval()
     reference.eval()
     for model in (reference, ours):  # PEFT's own refusal, from PEFT's forward

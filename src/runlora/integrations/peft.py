@@ -16,8 +16,10 @@ Three ways in:
   ``PeftModel.from_pretrained``, ``SFTTrainer(peft_config=...)``, ``DPOTrainer``, ...), until
   ``unpatch_peft()`` or the end of its ``with`` block.
 
-What the op does not run keeps PEFT's forward, per adapter: DoRA, ``lora_bias``, other LoRA
-variants, Embedding/Conv LoRA layers and base layers runlora has no kind for.
+DoRA adapters (``use_dora=True``) run ``runlora.ops.dora.dora_linear``, PEFT's DoRA math in
+planned orders. What the op does not run keeps PEFT's forward, per adapter: ``lora_bias``, other
+LoRA variants, several active adapters with DoRA among them, Embedding/Conv LoRA layers and
+base layers runlora has no kind for.
 ``describe(model)`` reports, for every LoRA layer, which engine runs it and why.
 """
 
@@ -39,6 +41,7 @@ from torch import Tensor, nn
 from ..config import LoraConfig as _RunLoRAConfig
 from ..layers.layer import LoRAEngine, RunLoRALinear, base_args_fn, is_supported_base
 from ..layers.routing import BASE, Routing, mixed_batch_forward
+from ..ops.dora import forget_weight_norms
 from ..planning.planner import CRITERIA
 
 __all__ = [
@@ -92,15 +95,41 @@ def _peft_linear_classes() -> tuple[type, ...]:
     return tuple(classes)
 
 
+def _dora_variant_classes() -> tuple[type, ...]:
+    """PEFT's DoRA variant of a Linear layer (runlora runs it with ``dora_linear``)."""
+    try:
+        from peft.tuners.lora.variants import DoraLinearVariant
+    except ImportError:  # a PEFT without variants marks DoRA by use_dora alone
+        return ()
+    return (DoraLinearVariant,)
+
+
+def _is_dora(layer: nn.Module, name: str) -> bool:
+    return bool(getattr(layer, "use_dora", {}).get(name))
+
+
 def _adapter_reason(layer: nn.Module, name: str) -> str | None:
     """Why adapter ``name`` of a PEFT layer runs PEFT's forward, or None if the op runs it."""
-    if getattr(layer, "use_dora", {}).get(name):
-        return "DoRA (use_dora=True) runs PEFT's forward"
     if getattr(layer, "lora_bias", {}).get(name):
         return "lora_bias=True runs PEFT's forward"
     variant = getattr(layer, "lora_variant", {}).get(name)
-    if variant is not None:
+    dora = _is_dora(layer, name)
+    if variant is not None and not (dora and type(variant) in _dora_variant_classes()):
         return f"LoRA variant {type(variant).__name__} runs PEFT's forward"
+    if dora and name not in getattr(layer, "lora_magnitude_vector", {}):
+        return "DoRA without a magnitude vector runs PEFT's forward"
+    return None
+
+
+def _adapters_reason(layer: nn.Module, names: list[str]) -> str | None:
+    """Why adapters ``names``, active together, run PEFT's forward, or None if the op runs them."""
+    for name in names:
+        reason = _adapter_reason(layer, name)
+        if reason is not None:
+            return f"adapter {name!r}: {reason}"
+    if len(names) > 1 and any(_is_dora(layer, n) for n in names):
+        # PEFT adds each DoRA term onto the output of the adapters before it
+        return "several active adapters with DoRA among them run PEFT's forward"
     return None
 
 
@@ -142,11 +171,28 @@ class PeftEngine(LoRAEngine):
         offloaded = self._base_state()[3]
         if offloaded is not None and names:
             return offloaded
-        for name in names:
-            reason = _adapter_reason(self, name)
-            if reason is not None:
-                return f"adapter {name!r}: {reason}"
-        return None
+        return _adapters_reason(self, names)
+
+    def dora_magnitude(self, name: str) -> Tensor | None:
+        """PEFT's ``lora_magnitude_vector[name].weight`` ``(out,)`` for a DoRA adapter."""
+        if not _is_dora(self, name):
+            return None
+        return self.lora_magnitude_vector[name].weight
+
+    def merge(self, *args, **kwargs) -> None:
+        super().merge(*args, **kwargs)
+        self._forget_weight_norms()
+
+    def unmerge(self, *args, **kwargs) -> None:
+        super().unmerge(*args, **kwargs)
+        self._forget_weight_norms()
+
+    def _forget_weight_norms(self) -> None:
+        # PEFT's plain-LoRA merge edits weight.data in place, which torch's version counter
+        # does not see: drop the cached ‖W‖² DoRA keeps for this base weight
+        weight = getattr(self.get_base_layer(), "weight", None)
+        if isinstance(weight, Tensor):
+            forget_weight_norms(weight)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if not args and not kwargs:  # the common case, kept short: one plain active adapter
@@ -189,7 +235,7 @@ class PeftEngine(LoRAEngine):
         """PEFT's mixed-batch path, run by ``runlora.layers.routing``: the base product once for
         the batch, each adapter's low-rank term added to its rows (grouped or stacked)."""
         used = {n for n in adapter_names if n != BASE and n in self.lora_A}
-        if args or kwargs or any(_adapter_reason(self, n) for n in used):
+        if args or kwargs or any(_adapter_reason(self, n) or _is_dora(self, n) for n in used):
             return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         return mixed_batch_forward(self, x, _routing(adapter_names), (), {})
 
@@ -597,9 +643,9 @@ def _report(name: str, layer: nn.Module) -> LayerReport:
         else:
             why = f"{type(layer).__name__} is not a layer runlora accelerates: PEFT's forward"
         return LayerReport(name, kind, in_f, out_f, ranks, "peft", why)
-    reasons = [r for n in layer.active_adapters if (r := _adapter_reason(layer, n))]
-    if reasons:
-        return LayerReport(name, kind, in_f, out_f, ranks, "peft", "; ".join(reasons))
+    reason = _adapters_reason(layer, [n for n in layer.active_adapters if n in lora_a])
+    if reason:
+        return LayerReport(name, kind, in_f, out_f, ranks, "peft", reason)
     detail = layer.plan_summary()
     fallback = layer.__dict__.get("_runlora_fallback")
     if fallback:

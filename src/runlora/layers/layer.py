@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.checks import dropout_probability, positive_int
+from ..ops.dora import dora_linear
 from ..ops.function import lora_linear
 from ..ops.plan import Plan, as_plan
 from ..planning.lookup import lookup_plan, token_bucket
@@ -143,13 +144,21 @@ def run_adapter(
     training: bool,
     criterion: str = "flops",
     plan: Plan | None = None,
+    magnitude: Tensor | None = None,
+    save_output: bool = True,
 ) -> tuple[Tensor, Plan]:
-    """``base_layer(x) + scaling · B A dropout(x)`` through the op, planned for ``x``'s shape.
+    """``base_layer(x) + scaling · B A dropout(x)`` through the op, planned for ``x``'s shape;
+    with ``magnitude``, the DoRA layer of PEFT (``runlora.ops.dora.dora_linear``) instead.
 
     Args:
         x: shape ``(..., in)``. lora_a: ``(r, in)``. lora_b: ``(out, r)``.
         base_args: ``(weight, bias, quant)`` of the base layer (see ``base_args_fn``).
         plan: a fixed plan, or None for the plan of ``x``'s token count (bucketed, memoised).
+            For DoRA, the LoRA pair its products run in (the DoRA orders are then chosen by
+            ``runlora.ops.dora_variants.choose_dora_plan``).
+        magnitude: DoRA's m ``(out,)``, or None for plain LoRA.
+        save_output: DoRA only: let dm's order keep the unscaled output ``(N, out)`` for
+            backward (fastest) instead of recomputing ``x Wᵀ`` there (LoRA's saved bytes).
 
     Returns:
         (y of shape ``(..., out)``, the plan used).
@@ -160,6 +169,8 @@ def run_adapter(
     # parameters in their own dtype.
     if lora_a.dtype != x.dtype and x.is_floating_point():
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    if magnitude is not None and magnitude.dtype != x.dtype and x.is_floating_point():
+        magnitude = magnitude.to(x.dtype)
     if bias is not None and bias.dtype != x.dtype and quant is not None:
         bias = bias.to(x.dtype)
     p = dropout if training else 0.0
@@ -173,11 +184,27 @@ def run_adapter(
             criterion=criterion,
             needs_input_grad=x.requires_grad and torch.is_grad_enabled(),
             bias=bias is not None,
-            dropout=p,
+            dropout=p if magnitude is None else 0.0,  # DoRA's orders handle its dropout
             dtype=x.dtype,
             device=x.device,
             quantized=quant is not None,
         )
+    if magnitude is not None:
+        y = dora_linear(
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            magnitude,
+            bias,
+            scaling=scaling,
+            dropout=p,
+            training=training,
+            plan=plan,
+            save_output=save_output,
+            quant=quant,
+        )
+        return y, plan
     y = lora_linear(
         x,
         weight,
@@ -206,6 +233,9 @@ class LoRAEngine:
 
     criterion: str = "flops"
     plan: Plan | None = None
+    #: DoRA adapters: keep the unscaled output ``(N, out)`` for dm's gradient (no extra product
+    #: in backward), or False: recompute ``x Wᵀ`` there and save only what LoRA saves.
+    dora_save_output: bool = True
     _last_plan: tuple[int, Plan] | None = None  # (tokens, plan) of the last call
 
     def base_weight_args(self) -> tuple:
@@ -222,9 +252,11 @@ class LoRAEngine:
         """One op call: the base layer plus adapter ``name``'s term (its scaling and dropout),
         or, with ``name=None``, plus the term of ``stacked = (A (R, in), B (out, R))`` as it is
         (scalings folded into B, no dropout). ``(..., in)`` -> ``(..., out)``, and the plan."""
+        magnitude = None
         if stacked is None:
             lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
             scaling, dropout = self.scaling[name], dropout_p(self.lora_dropout[name])
+            magnitude = self.dora_magnitude(name)
         else:
             (lora_a, lora_b), scaling, dropout = stacked, 1.0, 0.0
         y, plan = run_adapter(
@@ -237,10 +269,17 @@ class LoRAEngine:
             training=self.training,
             criterion=self.criterion,
             plan=None if self.plan is None else as_plan(self.plan),
+            magnitude=magnitude,
+            save_output=self.dora_save_output,
         )
         if not torch.compiler.is_compiling():
             self.__dict__["_last_plan"] = (x.numel() // max(1, x.shape[-1]), plan)
         return y, plan
+
+    def dora_magnitude(self, name: str) -> Tensor | None:
+        """DoRA's magnitude m ``(out,)`` of adapter ``name``, or None for a plain LoRA adapter
+        (a host with DoRA adapters, PEFT's layer, overrides this)."""
+        return None
 
     def op_adapters(self, names: list[str]) -> list[str]:
         """Which of the adapters ``names`` run inside the one op call, their ranks stacked:
