@@ -375,3 +375,53 @@ def test_layer_bench_bad_shape(capsys):
         main(["layer-bench", "--shapes", "1024by1024"])
     assert exc.value.code == 2
     assert "a shape is INxOUT" in capsys.readouterr().err
+
+
+def test_dora_arms_run_the_dora_op_and_report_against_their_lora_twins(monkeypatch, capsys):
+    """``--dora``: PEFT's DoRA arm runs PEFT's forward, runlora's DoRA arms run ``dora_linear``
+    in every adapted layer (saving U, or not), with PEFT DoRA's loss; the table has the ratios."""
+    import runlora.layers.layer
+    from runlora import configs
+    from runlora.bench import model_bench as bench
+    from runlora.bench.harness import measure_arms
+
+    settings = BenchSettings(batch_size=1, seq_len=8, criterions=("flops",), dora=True)
+    config = configs.load_config("llama_tiny")
+    model = configs.build_model(config, seed=0)
+    targets = list(configs.default_target_modules(model))
+    batch = bench._make_batch(config, "causal_lm", settings)
+    arms = bench.build_arms(model, batch, settings, targets)
+    names = ["floor", "peft", "peft_dora", "runlora/flops", "runlora_dora/flops"]
+    assert [a.name for a in arms] == [*names, "runlora_dora_lowmem/flops"]
+    calls = []
+    real = runlora.layers.layer.dora_linear
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["save_output"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runlora.layers.layer, "dora_linear", counting)
+    n_layers = len(targets) * config.num_hidden_layers
+    losses = {}
+    for a in arms:
+        calls.clear()
+        losses[a.name] = float(a.step())
+        if a.kind == "runlora_dora":
+            assert calls == [not a.name.startswith("runlora_dora_lowmem")] * n_layers, a.name
+        else:
+            assert not calls, a.name
+    assert losses["runlora_dora/flops"] == pytest.approx(losses["peft_dora"], rel=1e-5)
+    assert losses["runlora_dora_lowmem/flops"] == pytest.approx(losses["peft_dora"], rel=1e-5)
+    results = measure_arms(arms, warmup_rounds=0, min_run_time=0.0, min_rounds=2, max_rounds=2)
+    result = bench.ConfigResult("llama_tiny", "llama", 1, 8, 2, results)
+    rows = {r["arm"]: r for r in result.rows()}
+    assert rows["runlora_dora/flops"]["x_lora_median"] > 0
+    assert rows["runlora_dora/flops"]["x_peft_dora_median"] > 0
+    assert rows["peft_dora"]["x_peft_dora_median"] is None
+    assert rows["runlora/flops"]["x_lora_median"] is None
+    # recomputing U saves what LoRA saves and the row norms; saving U saves more
+    lowmem, saving = rows["runlora_dora_lowmem/flops"], rows["runlora_dora/flops"]
+    assert lowmem["saved_mib"] < saving["saved_mib"]
+    assert 1.0 <= lowmem["saved_x_lora"] < 1.1  # x and the (out,) norms; tiny N here
+    table = bench.format_table([result], settings)
+    assert "x PEFT DoRA" in table and "WARNING" not in table

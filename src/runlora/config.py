@@ -18,7 +18,6 @@ _BIAS_MODES = ("none", "all", "lora_only")
 
 #: adapter_config.json keys whose non-default values runlora cannot honour, with the default.
 PEFT_ONLY_FEATURES = {
-    "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
     "target_parameters": None,
@@ -60,6 +59,7 @@ class LoraConfig:
             layer list, such as ``"layers"`` or ``"h"``).
         rank_pattern, alpha_pattern: ``{name or regex: r / alpha}`` per-module overrides.
         fan_in_fan_out: the base weight is stored ``(in, out)``; set for you for GPT-2's Conv1D.
+        use_dora: DoRA (a learned magnitude per output row), run by ``runlora.ops.dora``.
         criterion: how runlora plans each layer's computation order (``"flops"``, ``"time"``,
             ``"roofline"``): runlora's own, not saved with the adapter.
         task_type, base_model_name_or_path, inference_mode: as in PEFT; written to the file.
@@ -79,6 +79,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
+    use_dora: bool = False
     criterion: str = "flops"
     task_type: str | None = None
     base_model_name_or_path: str | None = None

@@ -20,6 +20,7 @@ extra untimed step per arm (``runlora.bench.memory``: bytes saved for backward, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import time
 from collections.abc import Callable
@@ -82,6 +83,7 @@ class BenchSettings:
     device: str = "cpu"
     quant: str = "none"
     seed: int = 0
+    dora: bool = False
 
     def check(self) -> None:
         """Raise ValueError, with what to do, on any setting that cannot run."""
@@ -131,6 +133,7 @@ def summarize(arms: list[ArmResult]) -> list[dict]:
     arm is missing.
     """
     by_kind = {a.kind: a for a in arms}
+    by_name = {a.name: a for a in arms}
     floor, peft = by_kind.get("floor"), by_kind.get("peft")
 
     def diff_mib(ref: int | None, value: int | None) -> float | None:
@@ -160,9 +163,30 @@ def summarize(arms: list[ArmResult]) -> list[dict]:
                 "peak_kind": a.peak_kind,
                 "trainable_params": a.trainable_params,
                 "loss": a.loss,
+                # DoRA arms (--dora): against the same engine's LoRA arm, and against PEFT's DoRA
+                "x_lora_median": round_ratio_median(a, by_name.get(_lora_twin(a.name))),
+                "saved_x_lora": _saved_ratio(a, by_name.get(_lora_twin(a.name))),
+                "x_peft_dora_median": (
+                    round_ratio_median(a, by_name.get("peft_dora"))
+                    if a.kind == "runlora_dora"
+                    else None
+                ),
             }
         )
     return rows
+
+
+def _lora_twin(name: str) -> str | None:
+    """The LoRA arm a DoRA arm is compared with: ``peft_dora`` -> ``peft``,
+    ``runlora_dora[_lowmem]/<criterion>`` -> ``runlora/<criterion>``."""
+    if name == "peft_dora":
+        return "peft"
+    head, _, criterion = name.partition("/")
+    return f"runlora/{criterion}" if head in ("runlora_dora", "runlora_dora_lowmem") else None
+
+
+def _saved_ratio(arm: ArmResult, ref: ArmResult | None) -> float | None:
+    return None if ref is None or not ref.saved_bytes else arm.saved_bytes / ref.saved_bytes
 
 
 @dataclass
@@ -250,7 +274,9 @@ def _step(model: nn.Module, batch: dict, trainable: list[nn.Parameter]) -> Calla
 def build_arms(
     model: nn.Module, batch: dict, settings: BenchSettings, targets: list[str]
 ) -> list[Arm]:
-    """The floor, PEFT and one runlora arm per criterion, sharing ``model``'s weights."""
+    """The floor, PEFT and one runlora arm per criterion, sharing ``model``'s weights; with
+    ``settings.dora`` also PEFT's DoRA (``peft_dora``) and runlora's, saving the unscaled output
+    for dm (``runlora_dora/<criterion>``) and recomputing it (``runlora_dora_lowmem/...``)."""
     import peft
 
     from ..config import LoraConfig
@@ -285,26 +311,42 @@ def build_arms(
         _weight_sharing_copy(model), peft_config, autocast_adapter_dtype=False
     )
     arms.append(arm("peft", "peft", peft_model))
+    if settings.dora:
+        dora_config = dataclasses.replace(peft_config, use_dora=True)
+        peft_dora = peft.get_peft_model(
+            _weight_sharing_copy(model), dora_config, autocast_adapter_dtype=False
+        )
+        arms.append(arm("peft_dora", "peft_dora", peft_dora))
+    variants = [("runlora", False, True)]
+    if settings.dora:
+        variants += [("runlora_dora", True, True), ("runlora_dora_lowmem", True, False)]
     for criterion in settings.criterions:
-        config = LoraConfig(
-            r=settings.r,
-            lora_alpha=settings.lora_alpha,
-            lora_dropout=settings.lora_dropout,
-            target_modules=list(targets),
-            criterion=criterion,
-        )
-        wrapped = get_runlora_model(
-            _weight_sharing_copy(model), config, autocast_adapter_dtype=False
-        )
-        # A layer left on PEFT's forward would time PEFT under runlora's name.
-        slow = [row for row in describe(wrapped, file=None) if row.engine != "runlora"]
-        if slow:
-            raise BenchError(
-                f"runlora/{criterion}: {len(slow)} LoRA layers would run PEFT's forward, not "
-                f"runlora's op ({slow[0].name}: {slow[0].detail}); leave them out of "
-                "--target-modules"
+        for head, use_dora, save_output in variants:
+            config = LoraConfig(
+                r=settings.r,
+                lora_alpha=settings.lora_alpha,
+                lora_dropout=settings.lora_dropout,
+                target_modules=list(targets),
+                criterion=criterion,
+                use_dora=use_dora,
             )
-        arms.append(arm(f"runlora/{criterion}", "runlora", wrapped))
+            wrapped = get_runlora_model(
+                _weight_sharing_copy(model), config, autocast_adapter_dtype=False
+            )
+            name = f"{head}/{criterion}"
+            # A layer left on PEFT's forward would time PEFT under runlora's name.
+            slow = [row for row in describe(wrapped, file=None) if row.engine != "runlora"]
+            if slow:
+                raise BenchError(
+                    f"{name}: {len(slow)} LoRA layers would run PEFT's forward, not "
+                    f"runlora's op ({slow[0].name}: {slow[0].detail}); leave them out of "
+                    "--target-modules"
+                )
+            if use_dora:
+                for module in wrapped.modules():
+                    if hasattr(module, "dora_save_output"):
+                        module.dora_save_output = save_output
+            arms.append(arm(name, "runlora_dora" if use_dora else "runlora", wrapped))
     return arms
 
 
@@ -424,13 +466,34 @@ def format_table(results: list[ConfigResult], settings: BenchSettings) -> str:
         lines += ["  " + line for line in text_table(head, body)]
         if peak_kind:
             lines.append(f"  peak: {PEAK_KINDS[peak_kind]}")
-        counts = {r["arm"]: r["trainable_params"] for r in rows if r["kind"] != "floor"}
-        if len(set(counts.values())) > 1:
+        # DoRA arms train a magnitude vector more than the LoRA arms: compare within each family
+        for family in (False, True):
+            counts = {
+                r["arm"]: r["trainable_params"]
+                for r in rows
+                if r["kind"] != "floor" and ("dora" in r["kind"]) == family
+            }
+            if len(set(counts.values())) <= 1:
+                continue
             lines.append(
                 "  WARNING: the arms train different parameter counts ("
                 + ", ".join(f"{k} {v}" for k, v in counts.items())
                 + "): they do not adapt the same layers"
             )
+        dora = [r for r in rows if r["x_lora_median"] is not None]
+        if dora:
+            lines.append("  DoRA, medians of per-round ratios:")
+            dora_head = ["arm", "x its LoRA", "x PEFT DoRA", "saved x its LoRA"]
+            dora_body = [
+                [
+                    r["arm"],
+                    fmt(r["x_lora_median"], ".3f"),
+                    fmt(r["x_peft_dora_median"], ".3f"),
+                    fmt(r["saved_x_lora"], ".3f"),
+                ]
+                for r in dora
+            ]
+            lines += ["  " + line for line in text_table(dora_head, dora_body)]
     lines.append("")
     lines.append(
         "speedup vs PEFT = (PEFT - arm) / PEFT on mean step time; "

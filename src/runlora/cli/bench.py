@@ -125,6 +125,12 @@ def add_parser(sub, name: str) -> None:
         metavar="PREFIX",
         help="write PREFIX.csv, PREFIX.json, PREFIX.png (default runlora_out/bench)",
     )
+    p.add_argument(
+        "--dora",
+        action="store_true",
+        help="also PEFT's DoRA (use_dora=True) against runlora's DoRA: saving the unscaled "
+        "output for the magnitude's gradient, and recomputing it (runlora_dora_lowmem)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="write no PREFIX.png")
 
@@ -174,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         quant=args.quant,
         seed=args.seed,
+        dora=args.dora,
     )
     try:
         settings.check()
