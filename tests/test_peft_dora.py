@@ -95,9 +95,11 @@ def test_dora_outputs_and_every_gradient_equal_peft(case, way, monkeypatch):
 @pytest.mark.parametrize("save_output", [True, False])
 def test_dora_without_saving_the_output_is_as_exact(save_output, monkeypatch):
     reference, ours = _pair(llama, LLAMA)
-    for layer in _lora_layers(ours).values():
-        layer.dora_save_output = save_output
+    assert runlora.from_peft(ours, dora_save_output=save_output) is ours
+    assert all(m.dora_save_output is save_output for m in _lora_layers(ours).values())
     _assert_same(reference, ours, text_batch(seed=2))
+    with pytest.raises(TypeError, match="dora_save_output"):
+        runlora.from_peft(ours, dora_save_output="no")
 
 
 def test_dora_with_dropout_in_eval_equals_peft_and_trains_in_train_mode():

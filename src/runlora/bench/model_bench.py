@@ -280,7 +280,7 @@ def build_arms(
     import peft
 
     from ..config import LoraConfig
-    from ..integrations.peft import describe, get_runlora_model
+    from ..integrations.peft import describe, from_peft, get_runlora_model
 
     model.requires_grad_(False)
     exclude = storage_ptrs((*model.parameters(), *model.buffers()))
@@ -343,9 +343,7 @@ def build_arms(
                     "--target-modules"
                 )
             if use_dora:
-                for module in wrapped.modules():
-                    if hasattr(module, "dora_save_output"):
-                        module.dora_save_output = save_output
+                from_peft(wrapped, criterion=criterion, dora_save_output=save_output)
             arms.append(arm(name, "runlora_dora" if use_dora else "runlora", wrapped))
     return arms
 

@@ -298,15 +298,17 @@ def is_accelerated(module: nn.Module) -> bool:
     return isinstance(module, LoRAEngine)
 
 
-def _accelerate(module: nn.Module, criterion: str) -> bool:
+def _accelerate(module: nn.Module, criterion: str, dora_save_output: bool | None = None) -> bool:
     """Switch one PEFT LoRA layer to runlora's forward (in place); False if it cannot be."""
-    if isinstance(module, PeftEngine):
-        module.criterion = criterion
-        return True
-    if type(module) not in _peft_linear_classes() or not is_supported_base(module.get_base_layer()):
-        return False
-    module.__class__ = _accelerated_class(type(module))
+    if not isinstance(module, PeftEngine):
+        if type(module) not in _peft_linear_classes():
+            return False
+        if not is_supported_base(module.get_base_layer()):
+            return False
+        module.__class__ = _accelerated_class(type(module))
     module.criterion = criterion
+    if dora_save_output is not None:
+        module.dora_save_output = dora_save_output
     return True
 
 
@@ -345,12 +347,19 @@ def _warn_if_none_accelerated(model: nn.Module) -> None:
     )
 
 
-def from_peft(peft_model: nn.Module, *, criterion: str = "flops") -> nn.Module:
-    """Run every LoRA ``Linear`` of a PEFT model on runlora's op, in place.
+def from_peft(
+    peft_model: nn.Module, *, criterion: str = "flops", dora_save_output: bool | None = None
+) -> nn.Module:
+    """Run every LoRA ``Linear`` of a PEFT model on runlora's op, in place (DoRA adapters on
+    ``dora_linear``). Calling it again on the same model changes only the settings.
 
     Args:
         peft_model: a ``peft.PeftModel`` (or any module holding PEFT LoRA layers).
         criterion: how runlora plans each layer (``"flops"``, ``"time"``, ``"roofline"``).
+        dora_save_output: DoRA layers keep the unscaled output ``(N, out)`` for the magnitude's
+            gradient (True, the default: no extra product in backward), or recompute ``x Wᵀ``
+            in backward instead (False: saved bytes as LoRA's, one more ``N·in·out`` product).
+            None leaves each layer's setting as it is.
 
     Returns:
         ``peft_model`` itself, with the same parameter tensors (an optimizer built before keeps
@@ -360,6 +369,8 @@ def from_peft(peft_model: nn.Module, *, criterion: str = "flops") -> nn.Module:
     """
     _peft()
     _check_criterion(criterion)
+    if dora_save_output is not None and not isinstance(dora_save_output, bool):
+        raise TypeError(f"dora_save_output must be True, False or None, got {dora_save_output!r}")
     from peft.tuners.lora import LoraModel
 
     layers = list(_lora_layers(peft_model))
@@ -371,22 +382,26 @@ def from_peft(peft_model: nn.Module, *, criterion: str = "flops") -> nn.Module:
             stacklevel=2,
         )
     for _, module in layers:
-        _accelerate(module, criterion)
+        _accelerate(module, criterion, dora_save_output)
     for tuner in peft_model.modules():
         if isinstance(tuner, LoraModel):
             # Layers PEFT creates later for this model (add_adapter / load_adapter with other
             # targets) run the op too: LoraModel.inject_adapter calls self._create_new_module.
-            tuner.__dict__["_create_new_module"] = functools.partial(_create_accelerated, criterion)
+            tuner.__dict__["_create_new_module"] = functools.partial(
+                _create_accelerated, criterion, dora_save_output
+            )
     _warn_if_none_accelerated(peft_model)
     return peft_model
 
 
-def _create_accelerated(criterion: str, lora_config, adapter_name, target, **kwargs):
+def _create_accelerated(
+    criterion: str, dora_save_output: bool | None, lora_config, adapter_name, target, **kwargs
+):
     """``LoraModel._create_new_module``, the new layer switched to runlora's op."""
     from peft.tuners.lora import LoraModel
 
     module = LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)
-    _accelerate(module, criterion)
+    _accelerate(module, criterion, dora_save_output)
     return module
 
 
