@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 from .ops.checks import dropout_probability, positive_int
-from .planning.planner import CRITERIA
+from .planning.criteria import known_criterion
 
 __all__ = ["LoraConfig", "PEFT_ONLY_FEATURES"]
 
@@ -133,8 +133,7 @@ class LoraConfig:
         for key, value in self.alpha_pattern.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"alpha_pattern[{key!r}] must be a number, got {value!r}")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"unknown criterion {self.criterion!r}; known: {', '.join(CRITERIA)}")
+        known_criterion(self.criterion)
 
     def to_peft_dict(self) -> dict:
         """The ``adapter_config.json`` content PEFT reads (``peft_type`` ``"LORA"``)."""

@@ -42,7 +42,7 @@ from ..config import LoraConfig as _RunLoRAConfig
 from ..layers.layer import LoRAEngine, RunLoRALinear, base_args_fn, is_supported_base
 from ..layers.routing import BASE, Routing, mixed_batch_forward
 from ..ops.dora import forget_weight_norms
-from ..planning.planner import CRITERIA
+from ..planning.criteria import known_criterion
 
 __all__ = [
     "get_runlora_model",
@@ -70,11 +70,6 @@ def _peft():
             "(the op runlora.lora_linear and runlora.RunLoRALinear work without it)"
         ) from err
     return peft
-
-
-def _check_criterion(criterion: str) -> None:
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; known: {', '.join(CRITERIA)}")
 
 
 # --- the accelerated layer classes ---------------------------------------------------------
@@ -368,7 +363,7 @@ def from_peft(
         this model later (``add_adapter`` / ``load_adapter`` with other targets) run the op too.
     """
     _peft()
-    _check_criterion(criterion)
+    known_criterion(criterion)
     if dora_save_output is not None and not isinstance(dora_save_output, bool):
         raise TypeError(f"dora_save_output must be True, False or None, got {dora_save_output!r}")
     from peft.tuners.lora import LoraModel
@@ -449,7 +444,7 @@ def get_runlora_model(
     peft = _peft()
     peft_config, config_criterion = _to_peft_config(config)
     criterion = criterion or config_criterion or "flops"
-    _check_criterion(criterion)
+    known_criterion(criterion)
     if isinstance(model, peft.PeftModel) or any(
         isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in model.modules()
     ):
@@ -467,7 +462,7 @@ def from_pretrained(
     """``peft.PeftModel.from_pretrained`` (an adapter saved by PEFT or runlora) with runlora's op
     in its LoRA layers. ``kwargs``: PEFT's (``is_trainable``, ``config``, ...)."""
     peft = _peft()
-    _check_criterion(criterion)
+    known_criterion(criterion)
     return from_peft(
         peft.PeftModel.from_pretrained(model, model_id, adapter_name=adapter_name, **kwargs),
         criterion=criterion,
@@ -539,7 +534,7 @@ def patch_peft(criterion: str = "flops") -> PatchHandle:
 def _patch(criterion: str) -> PatchHandle:
     global _ACTIVE
     _peft()
-    _check_criterion(criterion)
+    known_criterion(criterion)
     if _ACTIVE is not None:
         previous, _ACTIVE.criterion = _ACTIVE.criterion, criterion
         return PatchHandle(criterion, previous)

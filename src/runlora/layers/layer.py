@@ -33,8 +33,8 @@ from ..ops.checks import dropout_probability, positive_int
 from ..ops.dora import dora_linear
 from ..ops.function import lora_linear
 from ..ops.plan import Plan, as_plan
+from ..planning.criteria import known_criterion
 from ..planning.lookup import lookup_plan, token_bucket
-from ..planning.planner import CRITERIA
 from .routing import Routing, mixed_batch_forward
 
 __all__ = [
@@ -355,8 +355,7 @@ class RunLoRALinear(LoRAEngine, nn.Module):
         criterion: str = "flops",
     ) -> None:
         super().__init__()
-        if criterion not in CRITERIA:
-            raise ValueError(f"unknown criterion {criterion!r}; known: {', '.join(CRITERIA)}")
+        known_criterion(criterion)
         conv1d = _is_conv1d(base_layer)
         if fan_in_fan_out is None:
             fan_in_fan_out = conv1d
