@@ -15,7 +15,11 @@ In order, each part in subprocesses with a time budget, printing its output as i
     roofline  runlora.planning.roofline.calibrate on the device in bf16 and fp32: roofline.json
     regret    planner regret (flops / roofline / time criteria) on a small grid: regret.json
     serve     the multi-adapter serving benchmark (benchmarks/serve_bench.py) on CUDA, bf16
-    dora, fused   placeholders, skipped: not built yet
+    dora      ``runlora bench --dora`` on llama_60m in bf16 (batch 8, seq 1024, r = 8, dropout 0,
+              one short timed run): PEFT's DoRA against runlora's, saving the unscaled output
+              (runlora_dora) and recomputing it (runlora_dora_lowmem), each also against its
+              LoRA arm: dora/llama_60m_r8.{csv,json,png}
+    fused     placeholder, skipped: not built yet
 
 Everything goes to benchmarks/results/gpu/<device>/ (a previous run there is moved to
 <device>.previous/), with SUMMARY.md and summary.json rewritten after every part and a log per
@@ -79,6 +83,10 @@ QUICK_ROWS = (("llama_60m", 64, 8, 0.0), ("llama_350m", 48, 128, 0.1))
 BENCH_TIMING = ("--min-run-time", "1", "--warmup", "2", "--min-rounds", "3")
 #: an out-of-memory row is retried at half the batch, at most this many times.
 OOM_RETRIES = 2
+#: the DoRA part's one row (model, batch, r, dropout) and its timing: six arms interleaved
+#: (floor, peft, runlora, peft_dora, runlora_dora, runlora_dora_lowmem), 2 s each.
+DORA_ROW = ("llama_60m", 8, 8, 0.0)
+DORA_TIMING = ("--min-run-time", "2", "--warmup", "1", "--min-rounds", "3")
 #: regret grid (N tokens, (in, out), r) on the device.
 REGRET_N = (1024, 16384)
 REGRET_DIMS = ((1024, 1024), (2048, 5461), (5461, 2048), (4096, 4096))
@@ -131,6 +139,11 @@ class TableRow:
         return cls(model, int(batch), int(r), float(dropout))
 
 
+def dora_stem(row: TableRow) -> str:
+    """The DoRA part's file stem: dora/<model>_r<r>.{csv,json,png}."""
+    return f"{row.model}_r{row.r}"
+
+
 def table_rows(quick: bool) -> list[TableRow]:
     """The table's rows in run order: per model, r = 8 then 128, dropout 0 then 0.1."""
     if quick:
@@ -161,6 +174,7 @@ def build_plan(results: Path, python: str, *, quick: bool = False) -> list[Part]
         tests_s,
     )  # fmt: skip
     rows = table_rows(quick)
+    dora = TableRow(*DORA_ROW)
     if quick:
         table_steps = [
             step(
@@ -209,12 +223,12 @@ def build_plan(results: Path, python: str, *, quick: bool = False) -> list[Part]
         Part(
             "regret",
             "Planner regret",
-            45.0,
+            35.0,
             [
                 step(
                     "regret",
                     [*worker, "regret", "--out", results / "regret.json"],
-                    45.0,
+                    35.0,
                     RUNLORA_TIME_BUDGET="0.3",
                 )
             ],
@@ -222,10 +236,21 @@ def build_plan(results: Path, python: str, *, quick: bool = False) -> list[Part]
         Part(
             "serve",
             "Multi-adapter serving",
-            45.0,
-            [step("serve", [*worker, "serve", "--out", results / "serve.json"], 45.0)],
+            35.0,
+            [step("serve", [*worker, "serve", "--out", results / "serve.json"], 35.0)],
         ),
-        Part("dora", "DoRA", 0.0, placeholder=PLACEHOLDER_NOTE),
+        Part(
+            "dora",
+            "DoRA, bf16",
+            25.0,
+            [
+                step(
+                    "dora",
+                    [*worker, "dora", "--out", results / "dora", "--rows", dora.spec()],
+                    25.0,
+                )
+            ],
+        ),
         Part("fused", "Fused projections", 0.0, placeholder=PLACEHOLDER_NOTE),
     ]
     return parts
@@ -587,6 +612,37 @@ def _section_serve(results: Path) -> list[str]:
     return lines
 
 
+def _section_dora(results: Path) -> list[str]:
+    row = TableRow(*DORA_ROW)
+    doc = _read_json(results / "dora" / f"{dora_stem(row)}.json")
+    if not doc or not doc.get("results"):
+        return ["Not measured."]
+    s = doc.get("settings", {})
+    lines = [
+        f"{row.model}, {s.get('dtype', 'bf16')}, batch {s.get('batch_size', row.batch_size)} x "
+        f"{s.get('seq_len', SEQ_LEN)}, r {s.get('r', row.r)}, dropout "
+        f"{s.get('lora_dropout', row.dropout):g}; arms interleaved (`runlora bench --dora`). "
+        "runlora_dora saves the unscaled output for the magnitude's gradient, "
+        "runlora_dora_lowmem recomputes it; × its LoRA (peft_dora: peft, runlora_dora*: "
+        "runlora) and × PEFT DoRA are medians of per-round ratios; saved = bytes saved for "
+        "backward.",
+        "",
+        "| arm | ms/step ± std | × floor | × its LoRA | × PEFT DoRA | saved MiB "
+        "| saved × its LoRA |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for res in doc["results"]:
+        for arm in res.get("rows", []):
+            lines.append(
+                f"| {arm.get('arm')} | {_f(arm.get('ms_mean'), '.1f')} ± "
+                f"{_f(arm.get('ms_std'), '.1f')} | {_f(arm.get('x_floor'), '.3f')} "
+                f"| {_f(arm.get('x_lora_median'), '.3f')} "
+                f"| {_f(arm.get('x_peft_dora_median'), '.3f')} "
+                f"| {_f(arm.get('saved_mib'), '.0f')} | {_f(arm.get('saved_x_lora'), '.3f')} |"
+            )
+    return lines
+
+
 def write_summary(
     results: Path,
     device: str,
@@ -640,6 +696,7 @@ def write_summary(
     if mode == "full":
         sections.append(("roofline", "Roofline and planner regret", _section_roofline(results)))
         sections.append(("serve", "Multi-adapter serving (bf16)", _section_serve(results)))
+        sections.append(("dora", "DoRA (bf16)", _section_dora(results)))
     for name, title, body in sections:
         if name in by_name:
             lines += ["", f"## {title}", "", *body]
@@ -906,12 +963,13 @@ def bench_argv(
     seq_len: int = SEQ_LEN,
     timing: tuple[str, ...] = BENCH_TIMING,
     dtype: str = "bf16",
+    extra: tuple[str, ...] = (),
 ) -> list[str]:
-    """``runlora bench`` arguments for one table row."""
+    """``runlora bench`` arguments for one table row (``extra``: more options, e.g. --dora)."""
     return [
         "bench", "-m", row.model, "--batch-size", str(batch_size), "--seq-len", str(seq_len),
         "-r", str(row.r), "-a", str(LORA_ALPHA), "-d", f"{row.dropout:g}", "--dtype", dtype,
-        "--device", device, *timing, "--no-progress", "-o", str(prefix),
+        "--device", device, *timing, *extra, "--no-progress", "-o", str(prefix),
     ]  # fmt: skip
 
 
@@ -920,17 +978,24 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def bench_rows(
-    rows: list[TableRow], out: Path, cli: Callable[[list[str]], int], **argv_options
+    rows: list[TableRow],
+    out: Path,
+    cli: Callable[[list[str]], int],
+    *,
+    stem: Callable[[TableRow], str] = lambda row: row.stem,
+    **argv_options,
 ) -> int:
-    """Run each row through ``cli`` (``runlora.cli.main``) in this process; a row that runs out
-    of memory is retried at half the batch (``OOM_RETRIES`` times). Returns the failed count."""
+    """Run each row through ``cli`` (``runlora.cli.main``) in this process, writing
+    ``out/<stem(row)>.{csv,json,png}``; a row that runs out of memory is retried at half the
+    batch (``OOM_RETRIES`` times). Returns the failed count."""
     import gc
 
     failed = 0
     for row in rows:
+        name = stem(row)
         batch = row.batch_size
         for attempt in range(OOM_RETRIES + 1):
-            argv = bench_argv(row, batch, out / row.stem, **argv_options)
+            argv = bench_argv(row, batch, out / name, **argv_options)
             print("+ python -m runlora " + shlex.join(argv), flush=True)
             try:
                 rc = cli(argv)
@@ -941,13 +1006,13 @@ def bench_rows(
                 gc.collect()
                 _empty_cuda_cache()
             if err is not None and _is_oom(err) and attempt < OOM_RETRIES and batch > 1:
-                print(f"{row.stem}: out of memory at batch {batch}; retrying at {batch // 2}")
+                print(f"{name}: out of memory at batch {batch}; retrying at {batch // 2}")
                 batch //= 2
                 continue
             if err is not None:
-                print(f"{row.stem}: failed: {type(err).__name__}: {err}", flush=True)
+                print(f"{name}: failed: {type(err).__name__}: {err}", flush=True)
             elif rc != 0:
-                print(f"{row.stem}: runlora bench exited {rc}", flush=True)
+                print(f"{name}: runlora bench exited {rc}", flush=True)
             failed += rc != 0
             break
     return failed
@@ -963,18 +1028,39 @@ def _empty_cuda_cache() -> None:
         pass
 
 
+def _small_options(args) -> dict:
+    """bench_argv options of --small, a smoke test of a bench path: short sequences, no timed
+    minimum, fp32 on CPU (bf16 GEMMs are slow on most CPUs)."""
+    if not args.small:
+        return {}
+    options = {"seq_len": 32, "timing": ("--min-run-time", "0", "--warmup", "1",
+                                         "--min-rounds", "1")}  # fmt: skip
+    if args.device == "cpu":
+        options["dtype"] = "fp32"
+    return options
+
+
 def worker_table(args) -> int:
     from runlora.cli import main as cli
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    options = {"device": args.device}
-    if args.small:  # a smoke test of this path: short sequences, no timed minimum
-        options.update(seq_len=32, timing=("--min-run-time", "0", "--warmup", "1",
-                                           "--min-rounds", "1"))  # fmt: skip
-        if args.device == "cpu":
-            options["dtype"] = "fp32"  # bf16 GEMMs are slow on most CPUs
+    options = {"device": args.device, **_small_options(args)}
     failed = bench_rows([TableRow.parse(s) for s in args.rows], out, cli, **options)
+    return 1 if failed else 0
+
+
+def worker_dora(args) -> int:
+    """``runlora bench --dora`` on each row (DORA_TIMING: one short timed run), written to
+    ``<out>/<model>_r<r>.{csv,json,png}``."""
+    from runlora.cli import main as cli
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = {"device": args.device, "timing": DORA_TIMING, "extra": ("--dora",)}
+    options.update(_small_options(args))
+    rows = [TableRow.parse(s) for s in args.rows]
+    failed = bench_rows(rows, out, cli, stem=dora_stem, **options)
     return 1 if failed else 0
 
 
@@ -1124,6 +1210,7 @@ WORKERS = {
     "roofline": worker_roofline,
     "regret": worker_regret,
     "serve": worker_serve,
+    "dora": worker_dora,
 }
 
 
@@ -1132,7 +1219,9 @@ def run_worker(argv: list[str]) -> int:
     ap.add_argument("name", choices=sorted(WORKERS))
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="llama_60m", help="serve: the base model")
-    ap.add_argument("--rows", nargs="+", default=[], help="table rows, MODEL:BATCH:R:DROPOUT")
+    ap.add_argument(
+        "--rows", nargs="+", default=[], help="table and dora rows, MODEL:BATCH:R:DROPOUT"
+    )
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the worker's code")
     ap.add_argument("--small", action="store_true", help="tiny sizes (with --device cpu)")
     args = ap.parse_args(argv)

@@ -58,8 +58,9 @@ def test_full_plan_runs_the_parts_in_order_within_8_minutes(tmp_path):
     ]  # fmt: skip
     total = gc_.plan_seconds(parts) + gc_.SETUP_ALLOWANCE_S["full"]
     assert total <= gc_.TOTAL_BUDGET_S == 8 * 60
+    assert [p.name for p in parts if p.placeholder] == ["fused"]
     for part in parts:
-        if part.placeholder:  # DoRA and the fused projections: named, skipped, no time
+        if part.placeholder:  # the fused projections: named, skipped, no time
             assert part.placeholder == "not built yet" and not part.steps and part.budget_s == 0
             continue
         assert part.steps and part.budget_s > 0
@@ -68,6 +69,35 @@ def test_full_plan_runs_the_parts_in_order_within_8_minutes(tmp_path):
     tests = parts[1].steps[0].argv
     assert tests[:3] == ["py", "-m", "pytest"] and ["-m", "cuda"] == tests[4:6]
     assert f"--junitxml={tmp_path / 'tests.xml'}" in tests
+
+
+def test_dora_part_is_one_short_bench_dora_run_of_llama_60m_in_bf16(tmp_path):
+    parts = {p.name: p for p in gc_.build_plan(tmp_path, "py")}
+    dora = parts["dora"]
+    (step,) = dora.steps
+    assert dora.placeholder is None and 0 < step.timeout_s <= dora.budget_s <= 30
+    argv = step.argv
+    assert argv[:4] == ["py", str(gc_.SELF), "worker", "dora"]
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "dora")
+    (spec,) = argv[argv.index("--rows") + 1 :]
+    row = gc_.TableRow.parse(spec)
+    assert (row.model, row.batch_size, row.r, row.dropout) == ("llama_60m", 8, 8, 0.0)
+    assert gc_.dora_stem(row) == "llama_60m_r8"
+    bench_argv = gc_.bench_argv(row, 8, tmp_path / "x", timing=gc_.DORA_TIMING, extra=("--dora",))
+    assert "--dora" in bench_argv and bench_argv[-2:] == ["-o", str(tmp_path / "x")]
+    for flag, value in (
+        ("--dtype", "bf16"),
+        ("--device", "cuda"),
+        ("--seq-len", "1024"),
+        ("--batch-size", "8"),
+        ("-r", "8"),
+        ("-d", "0"),
+        ("--warmup", "1"),
+    ):
+        assert bench_argv[bench_argv.index(flag) + 1] == value  # fmt: skip
+    # six arms of at least --min-run-time each, and start-up, fit the step's timeout
+    run_time = float(bench_argv[bench_argv.index("--min-run-time") + 1])
+    assert 6 * run_time + 10 <= step.timeout_s
 
 
 def test_full_table_is_the_papers_rows_in_bf16_on_cuda(tmp_path):
@@ -98,6 +128,7 @@ def test_plan_option_prints_the_budgets_and_runs_nothing(tmp_path, capsys):
     assert gc_.main(["--plan", "--out", str(tmp_path / "r")], devices=[]) == 0
     out = capsys.readouterr().out
     assert "table-llama_1.3b" in out and "not built yet" in out and "limit 480 s" in out
+    assert "  dora         25  DoRA, bf16" in out and "  fused     skipped" in out
     assert not (tmp_path / "r").exists()
 
 
@@ -203,6 +234,29 @@ def _bench_doc(row, batch: int) -> dict:
     }
 
 
+def _dora_doc(row) -> dict:
+    """A `runlora bench --dora` JSON for ``row``: the LoRA arms, PEFT's DoRA and runlora's two."""
+    arms = [
+        harness.ArmResult(name, kind, [ms, ms + 2.0], saved * 2**20, 2**30, "cuda_max_allocated")
+        for name, kind, ms, saved in (
+            ("floor", "floor", 20.0, 500),
+            ("peft", "peft", 30.0, 800),
+            ("runlora/flops", "runlora", 25.0, 700),
+            ("peft_dora", "peft_dora", 50.0, 1200),
+            ("runlora_dora/flops", "runlora_dora", 35.0, 1050),
+            ("runlora_dora_lowmem/flops", "runlora_dora", 40.0, 700),
+        )
+    ]
+    settings = bench.BenchSettings(
+        batch_size=row.batch_size, seq_len=1024, r=row.r, lora_dropout=row.dropout,
+        dtype="bf16", device="cuda", dora=True,
+    )  # fmt: skip
+    return {
+        "settings": asdict(settings),
+        "results": [{"model": row.model, "rows": bench.summarize(arms)}],
+    }
+
+
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" errors="0" failures="1" skipped="1" tests="4">
 <testcase classname="tests.test_cuda" name="test_a"/>
@@ -246,6 +300,11 @@ class FakeParts:
         elif step.name == "serve":
             res = {"tokens": 2048, "ms": {"base": 1.0, "peft": 2.0, "runlora": 1.5}}
             out.write_text(json.dumps({"results": {"prefill": res}}))
+        elif step.name == "dora":
+            out.mkdir(parents=True, exist_ok=True)
+            for spec in argv[argv.index("--rows") + 1 :]:
+                row = gc_.TableRow.parse(spec)
+                (out / f"{gc_.dora_stem(row)}.json").write_text(json.dumps(_dora_doc(row)))
         if step.name in self.fail:
             tail = [f"{step.name} line {i}" for i in range(3)] + ["Traceback: boom"]
             return gc_.StepResult(step.name, "failed", 1, 0.2, timeout_s, str(log_path), tail)
@@ -261,7 +320,7 @@ def test_fake_device_run_writes_the_results_folder_and_summary(tmp_path, monkeyp
     results = tmp_path / "nvidia-fake-h200"
     assert [name for name, _ in runner.ran] == [
         "env", "tests", "table-llama_60m", "table-llama_130m", "table-llama_350m",
-        "table-llama_1.3b", "roofline", "regret", "serve",
+        "table-llama_1.3b", "roofline", "regret", "serve", "dora",
     ]  # fmt: skip
     for name in ("SUMMARY.md", "summary.json", "table.csv", "env.json", "tests.xml"):
         assert (results / name).is_file(), name
@@ -273,7 +332,7 @@ def test_fake_device_run_writes_the_results_folder_and_summary(tmp_path, monkeyp
     parts_at = [md.index(f"| {i} | {name} |") for i, name in enumerate(
         ["env", "tests", "table", "roofline", "regret", "serve", "dora", "fused"], 1)]  # fmt: skip
     assert parts_at == sorted(parts_at)
-    assert "| 7 | dora | skipped |" in md and "not built yet" in md
+    assert "| 7 | dora | ok |" in md and "| 8 | fused | skipped |" in md and "not built yet" in md
     assert (
         "2 passed, 1 failed, 0 errors, 1 skipped" in md
         and "FAILED tests.test_cuda::test_c: boom" in md
@@ -285,8 +344,18 @@ def test_fake_device_run_writes_the_results_folder_and_summary(tmp_path, monkeyp
     assert "| llama_1.3b | 12 (paper 24: out of memory) | 128 | 0.1 | peft |" in md
     assert "max_memory_allocated" in md
     assert "peak 790 TFLOP/s" in md and "regret of time" in md and "| prefill | 2048 |" in md
+    # DoRA: per arm ms/step, x floor, x its LoRA, x PEFT DoRA (medians of the two rounds'
+    # ratios, e.g. (50/30 + 52/32) / 2), saved MiB, saved x its LoRA
+    dora = md[md.index("## DoRA (bf16)") :]
+    assert "llama_60m, bf16, batch 8 x 1024, r 8, dropout 0" in dora
+    assert "| runlora/flops | 26.0 ± 1.4 | 1.238 | - | - | 700 | - |" in dora
+    assert "| peft_dora | 51.0 ± 1.4 | 2.429 | 1.646 | - | 1200 | 1.500 |" in dora
+    assert "| runlora_dora/flops | 36.0 ± 1.4 | 1.714 | 1.385 | 0.706 | 1050 | 1.500 |" in dora
+    assert (
+        "| runlora_dora_lowmem/flops | 41.0 ± 1.4 | 1.952 | 1.578 | 0.804 | 700 | 1.000 |" in dora
+    )
     doc = json.loads((results / "summary.json").read_text())
-    assert [p["status"] for p in doc["parts"]] == ["ok"] * 6 + ["skipped"] * 2
+    assert [p["status"] for p in doc["parts"]] == ["ok"] * 7 + ["skipped"]
     assert len(doc["table"]) == 16 * 3 and not doc["table_missing"]
     assert doc["tests"]["failures"] == 1
     with tarfile.open(archive) as tar:
@@ -304,17 +373,14 @@ def test_a_failing_part_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     runner = FakeParts(fail={"table-llama_130m", "regret"})
     argv = ["--out", str(tmp_path), "--python", "py"]
     assert gc_.main(argv, devices=["Fake GPU"], runner=runner) == 1
-    assert [name for name, _ in runner.ran][-4:] == [
-        "table-llama_1.3b",
-        "roofline",
-        "regret",
-        "serve",
-    ]
+    assert [name for name, _ in runner.ran][-5:] == [
+        "table-llama_1.3b", "roofline", "regret", "serve", "dora",
+    ]  # fmt: skip
     doc = json.loads((tmp_path / "fake-gpu" / "summary.json").read_text())
     status = {p["name"]: p["status"] for p in doc["parts"]}
     assert status == {
         "env": "ok", "tests": "ok", "table": "partial", "roofline": "ok", "regret": "failed",
-        "serve": "ok", "dora": "skipped", "fused": "skipped",
+        "serve": "ok", "dora": "ok", "fused": "skipped",
     }  # fmt: skip
     md = (tmp_path / "fake-gpu" / "SUMMARY.md").read_text()
     assert "| 3 | table | partial |" in md and "table-llama_130m: failed" in md
@@ -662,3 +728,35 @@ def test_workers_run_on_cpu_and_the_summary_reads_what_they_write(tmp_path, monk
     assert "- regret of time over the best measured pair (1 shapes, bf16)" in md
     for shape in ("prefill", "decode", "generate"):
         assert f"| {shape} | " in md
+
+
+@pytest.mark.slow
+def test_dora_worker_runs_on_cpu_and_writes_the_dora_columns(tmp_path, monkeypatch, capsys):
+    """The dora worker (``runlora bench --dora``) on CPU at tiny sizes: the CSV and JSON carry
+    the DoRA arms and their columns, and the summary's DoRA section reads them."""
+    import csv
+
+    monkeypatch.setenv("RUNLORA_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "dora"
+    argv = ["dora", "--out", str(out), "--device", "cpu", "--small", "--rows", "llama_tiny:2:8:0"]
+    assert gc_.run_worker(argv) == 0
+    assert "--dora" in capsys.readouterr().out
+    arms = {"floor", "peft", "runlora/flops", "peft_dora", "runlora_dora/flops",
+            "runlora_dora_lowmem/flops"}  # fmt: skip
+    with (out / "llama_tiny_r8.csv").open(newline="") as f:
+        rows = {r["arm"]: r for r in csv.DictReader(f)}
+    assert set(rows) == arms
+    for arm in ("peft_dora", "runlora_dora/flops", "runlora_dora_lowmem/flops"):
+        assert float(rows[arm]["x_lora_median"]) > 0 and float(rows[arm]["saved_x_lora"]) > 0
+    assert float(rows["runlora_dora/flops"]["x_peft_dora_median"]) > 0
+    assert rows["peft"]["x_lora_median"] == "" and rows["peft_dora"]["x_peft_dora_median"] == ""
+    doc = json.loads((out / "llama_tiny_r8.json").read_text())
+    assert doc["settings"]["dora"] is True and doc["settings"]["dtype"] == "fp32"
+    assert {r["arm"] for r in doc["results"][0]["rows"]} == arms
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "llama_tiny_r8.png").is_file()
+    # the section reads the part's own stem (llama_60m_r8): this run, renamed
+    shutil.copy(out / "llama_tiny_r8.json", out / "llama_60m_r8.json")
+    lines = gc_._section_dora(tmp_path)
+    assert len([line for line in lines if line.startswith("| runlora_dora")]) == 2
+    assert all(" - |" not in line for line in lines if line.startswith("| runlora_dora/"))
