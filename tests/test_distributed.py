@@ -734,3 +734,26 @@ def test_save_adapter_in_one_process_writes_what_peft_writes(tmp_path):
         save_adapter(model, tmp_path / "x", adapter_name="other")
     with pytest.raises(TypeError, match="needs a peft.PeftModel"):
         save_adapter(nn.Linear(2, 2), tmp_path / "x")
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_plan_requests_cover_what_a_training_step_plans(monkeypatch, use_dora):
+    """What ``sync_plans`` would send is what the layers ask for in a training step, with
+    dropout (DoRA plans its LoRA pair without it) and without."""
+    import peft
+
+    import runlora.planning.planner as planner
+    from runlora import from_peft
+    from runlora.integrations.distributed import plan_requests
+
+    kwargs = {**_LORA_KWARGS, "lora_dropout": 0.1, "use_dora": use_dora}
+    model = from_peft(peft.get_peft_model(tiny_base(), peft.LoraConfig(**kwargs))).train()
+    planner.clear_plan_memo()
+    asked = []
+    real = planner.plan_request
+    monkeypatch.setattr(planner, "plan_request", lambda q: asked.append(q) or real(q))
+    ids = torch.randint(0, 100, (LOCAL_BATCH, SEQ))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert asked
+    synced = set(plan_requests(model, LOCAL_BATCH * SEQ))
+    assert {q.bucketed() for q in asked} <= synced

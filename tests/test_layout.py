@@ -99,3 +99,21 @@ def test_a_cycle_inside_a_layer_is_found(tmp_path):
     assert ["runlora.planning.clock", "runlora.planning.measured"] in [
         list(pair) for pair in _cycles(src)
     ]
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("distributed", "integrations.distributed"),
+        ("quant", "layers.quant"),
+        ("planner", "planning.planner"),
+    ],
+)
+def test_a_module_of_the_flat_layout_names_its_new_path(old, new):
+    import importlib
+
+    with pytest.raises(ModuleNotFoundError, match=rf"runlora\.{old} moved to runlora\.{new}"):
+        importlib.import_module(f"runlora.{old}")
+    importlib.import_module(f"runlora.{new}")
+    with pytest.raises(ModuleNotFoundError, match="No module named 'runlora.nothing_here'"):
+        importlib.import_module("runlora.nothing_here")

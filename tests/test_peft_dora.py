@@ -210,3 +210,19 @@ def test_saved_adapter_files_are_pefts_and_load_back_on_the_op(tmp_path, monkeyp
             loaded(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-6
         )
     assert calls
+
+
+@pytest.mark.slow
+def test_a_dora_layer_compiles_with_fullgraph():
+    """The DoRA orders are chosen outside the traced graph: one graph, eager's values."""
+    _, ours = _pair(llama, LLAMA)
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    eager = layer(x)
+    (gx_eager,) = torch.autograd.grad(eager.sum(), x)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    y = compiled(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, gx_eager, rtol=1e-5, atol=1e-6)

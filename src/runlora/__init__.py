@@ -9,6 +9,9 @@ PEFT's own ``PeftModel``; runlora is the engine of their LoRA layers::
     runlora.patch_peft()          # every LoRA layer PEFT (or TRL, ...) builds runs runlora's op
 """
 
+import importlib.abc
+import sys
+
 from .config import LoraConfig
 from .integrations.peft import (
     describe,
@@ -34,7 +37,7 @@ from .planning import CRITERIA, default_plan, plan_layer
 # The op knows no planner: lora_linear(plan=None) plans by FLOPs through runlora.planning.
 set_plan_resolver(default_plan)
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "lora_linear",
@@ -71,3 +74,43 @@ def __getattr__(name: str):
     if name in _REMOVED:
         raise AttributeError(_REMOVED[name])
     raise AttributeError(f"module 'runlora' has no attribute {name!r}")
+
+
+#: Modules of runlora 0.2 that moved when the package was laid out in folders (0.3).
+_MOVED = {
+    "variants": "ops.variants",
+    "dropout": "ops.dropout",
+    "function": "ops.function",
+    "planner": "planning.planner",
+    "plan_lookup": "planning.lookup",
+    "cache": "planning.cache",
+    "roofline": "planning.roofline",
+    "timing": "planning.measured",
+    "layer": "layers.layer",
+    "quant": "layers.quant",
+    "routing": "layers.routing",
+    "distributed": "integrations.distributed",
+    "layer_bench": "bench.layer_bench",
+    "finetune": "recipes.finetune",
+    "data": "recipes.data",
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder):
+    """``import runlora.<a 0.2 module>`` fails with the module's new path, not a bare
+    ModuleNotFoundError (asked last, so it sees only names nothing else found)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        package, _, name = fullname.partition(".")
+        new = _MOVED.get(name) if package == __name__ and "." not in name else None
+        if new is not None:
+            raise ModuleNotFoundError(
+                f"runlora.{name} moved to runlora.{new} in runlora 0.3 (the package is laid out "
+                "in folders: ops, planning, layers, integrations, bench, recipes)",
+                name=fullname,
+            )
+        return None
+
+
+if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
+    sys.meta_path.append(_MovedModules())

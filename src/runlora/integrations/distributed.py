@@ -65,7 +65,7 @@ def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def _layer_request(
     layer: nn.Module, n_tokens: int, needs_input_grad: bool, dtype: torch.dtype, device
 ) -> PlanRequest:
-    from ..layers.layer import dropout_p, full_shape
+    from ..layers.layer import full_shape
 
     adapters = layer.op_adapters(layer.live_adapters())
     _, bias, quant = layer.base_weight_args()
@@ -74,7 +74,7 @@ def _layer_request(
     r = sum(full_shape(layer.lora_A[a].weight)[0] for a in adapters)
     in_features = full_shape(layer.lora_A[adapters[0]].weight)[1]
     out_features = full_shape(layer.lora_B[adapters[0]].weight)[0]
-    dropout = dropout_p(layer.lora_dropout[adapters[0]]) if layer.training else 0.0
+    dropout = layer.planned_dropout(adapters[0]) if layer.training else 0.0
     return PlanRequest.for_call(
         n_tokens,
         in_features,
@@ -274,7 +274,13 @@ def _check_same_plans(result: dict[PlanRequest, Plan], rank, world, src, group) 
     reference = gathered[src_index]
     for index, theirs in enumerate(gathered):
         if theirs != reference:
-            diff = next((a, b) for a, b in zip(theirs, reference, strict=False) if a != b)
+            diff = next((d for d in zip(theirs, reference, strict=False) if d[0] != d[1]), None)
+            if diff is None:  # one list is a prefix of the other
+                raise RuntimeError(
+                    f"runlora.sync_plans: rank {index} plans {len(theirs)} layer shapes, rank "
+                    f"{src} {len(reference)}; every rank must wrap the same model with the same "
+                    "LoraConfig and pass the same n_tokens"
+                )
             raise RuntimeError(
                 f"runlora.sync_plans: rank {index} plans {diff[0][0]} as {diff[0][1]}, rank {src} "
                 f"as {diff[1][1]}; all ranks must run one plan per layer shape"

@@ -276,6 +276,13 @@ class LoRAEngine:
             self.__dict__["_last_plan"] = (x.numel() // max(1, x.shape[-1]), plan)
         return y, plan
 
+    def planned_dropout(self, name: str) -> float:
+        """The dropout probability the LoRA pair of adapter ``name`` is planned with in training:
+        its own, or 0 for DoRA, whose orders handle the dropout themselves (``run_adapter``)."""
+        if self.dora_magnitude(name) is not None:
+            return 0.0
+        return dropout_p(self.lora_dropout[name])
+
     def dora_magnitude(self, name: str) -> Tensor | None:
         """DoRA's magnitude m ``(out,)`` of adapter ``name``, or None for a plain LoRA adapter
         (a host with DoRA adapters, PEFT's layer, overrides this)."""

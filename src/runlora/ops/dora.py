@@ -418,21 +418,31 @@ def dora_linear(
     p = float(dropout) if training else 0.0
     grad = torch.is_grad_enabled()
     magnitude_grad = grad and magnitude.requires_grad
-    problem = Problem(
+    fields = (
         max(1, x.numel() // in_f),
         in_f,
         out_f,
         lora_A.shape[0],
-        needs_input_grad=grad and x.requires_grad,
-        needs_lora_grad=grad and (lora_A.requires_grad or lora_B.requires_grad),
-        bias=bias is not None,
-        bias_grad=grad and bias is not None and bias.requires_grad,
-        dropout=p > 0.0,
-        quantized=quant is not None,
+        grad and x.requires_grad,
+        grad and (lora_A.requires_grad or lora_B.requires_grad),
+        bias is not None,
+        grad and bias is not None and bias.requires_grad,
+        p > 0.0,
+        quant is not None,
     )
     if isinstance(plan, DoRAPlan):
         plan = as_dora_plan(plan, dropout=p > 0.0)
+    elif torch.compiler.is_compiling():  # the choice is a constant of the graph
+        if plan is None:
+            raise RuntimeError("under torch.compile, pass dora_linear a plan (a layer does)")
+        lora = as_plan(plan)
+        norm, scale, dm = _dora_choice(
+            lora.forward, lora.backward, lora.layout, fields, x.dtype.itemsize,
+            magnitude_grad, bool(save_output),
+        )  # fmt: skip
+        plan = DoRAPlan(lora, norm, scale, dm, criterion="flops")
     else:
+        problem = _problem(fields)
         if plan is None:
             if function._plan_resolver is None:
                 raise RuntimeError("no plan resolver installed: pass plan=, or import runlora")
@@ -449,6 +459,31 @@ def dora_linear(
         return _DoRAFunction.apply(
             x, weight, lora_A, lora_B, magnitude, bias, scaling, p, plan, keep_xa, quant
         )
+
+
+def _problem(fields: tuple) -> Problem:
+    n, in_f, out_f, r, needs_x, needs_lora, bias, bias_grad, dropout, quantized = fields
+    return Problem(
+        n,
+        in_f,
+        out_f,
+        r,
+        needs_input_grad=needs_x,
+        needs_lora_grad=needs_lora,
+        bias=bias,
+        bias_grad=bias_grad,
+        dropout=dropout,
+        quantized=quantized,
+    )
+
+
+@torch.compiler.assume_constant_result
+def _dora_choice(fwd, bwd, layout, fields, itemsize, magnitude_grad, save_output):
+    """``choose_dora_plan``'s (norm, scale, dm), run once per shape outside the traced graph."""
+    chosen = choose_dora_plan(
+        Plan(fwd, bwd, layout), _problem(fields), itemsize, magnitude_grad, save_output
+    )
+    return chosen.norm, chosen.scale, chosen.dm
 
 
 def _lora_problem(problem: Problem) -> Problem:
