@@ -255,8 +255,10 @@ def check_reference() -> Callable[..., Tensor]:
 
 def count_op_calls(monkeypatch) -> list:
     """From now on, one entry per call of runlora's op from a layer (``runlora.layers.layer``'s
-    ``lora_linear``, or ``dora_linear`` for a DoRA adapter): how the tests see that a layer ran
-    runlora's op, not PEFT's forward."""
+    ``lora_linear``, or ``dora_linear`` for a DoRA adapter; a fused call of a shared-input
+    group counts once per layer): how the tests see that a layer ran runlora's op, not PEFT's
+    forward."""
+    import runlora.layers.groups
     import runlora.layers.layer
 
     calls: list = []
@@ -267,4 +269,11 @@ def count_op_calls(monkeypatch) -> list:
             name,
             lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k),
         )
+    real_fused = runlora.layers.groups.fused_lora_linear
+
+    def fused(x, weights, *a, **k):  # a fused call runs the op of each of its layers
+        calls.extend([1] * len(weights))
+        return real_fused(x, weights, *a, **k)
+
+    monkeypatch.setattr(runlora.layers.groups, "fused_lora_linear", fused)
     return calls

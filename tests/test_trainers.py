@@ -81,15 +81,16 @@ TEXTS = datasets.Dataset.from_dict(
 
 @pytest.fixture
 def op_calls(monkeypatch) -> dict[int, int]:
-    """id(layer) -> how many times runlora's op ran in that layer."""
+    """id(layer) -> how many times runlora's op ran in that layer (alone or in a fused call of
+    its shared-input group: each notes the plan it ran)."""
     calls: dict[int, int] = {}
-    real = LoRAEngine.call_op
+    real = LoRAEngine.note_plan
 
     def counted(self, *args, **kwargs):
         calls[id(self)] = calls.get(id(self), 0) + 1
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(LoRAEngine, "call_op", counted)
+    monkeypatch.setattr(LoRAEngine, "note_plan", counted)
     return calls
 
 

@@ -20,7 +20,9 @@ DoRA adapters (``use_dora=True``) run ``runlora.ops.dora.dora_linear``, PEFT's D
 planned orders. What the op does not run keeps PEFT's forward, per adapter: ``lora_bias``, other
 LoRA variants, several active adapters with DoRA among them, Embedding/Conv LoRA layers and
 base layers runlora has no kind for.
-``describe(model)`` reports, for every LoRA layer, which engine runs it and why.
+Layers that the model calls one after another with the same input (q/k/v, gate/up) run as one
+fused op (``runlora.layers.groups``; ``from_peft(fuse=False)`` turns it off).
+``describe(model)`` reports, for every LoRA layer, which engine runs it and why, and its group.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from ..config import LoraConfig as _RunLoRAConfig
+from ..layers import groups
 from ..layers.layer import LoRAEngine, RunLoRALinear, base_args_fn, is_supported_base
 from ..layers.routing import BASE, Routing, mixed_batch_forward
 from ..ops.dora import forget_weight_norms
@@ -189,21 +193,34 @@ class PeftEngine(LoRAEngine):
         if isinstance(weight, Tensor):
             forget_weight_norms(weight)
 
+    def plain_adapter(self) -> str | None:
+        d = self.__dict__
+        name = d.get("_active_adapter")
+        if type(name) is list and len(name) == 1:  # PEFT's set_adapter stores a list
+            name = name[0]
+        if (
+            isinstance(name, str)
+            and not d.get("_disable_adapters")
+            and not d.get("merged_adapters")
+            and name in self._modules["lora_A"]
+            and _adapter_reason(self, name) is None
+            and self._base_state()[3] is None
+        ):
+            return name
+        return None
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        eager = not torch.compiler.is_compiling()
         if not args and not kwargs:  # the common case, kept short: one plain active adapter
-            d = self.__dict__
-            name = d.get("_active_adapter")
-            if type(name) is list and len(name) == 1:  # PEFT's set_adapter stores a list
-                name = name[0]
-            if (
-                isinstance(name, str)
-                and not d.get("_disable_adapters")
-                and not d.get("merged_adapters")
-                and name in self._modules["lora_A"]
-                and _adapter_reason(self, name) is None
-                and self._base_state()[3] is None
-            ):
+            name = self.plain_adapter()
+            if name is not None:
+                if eager and self.fuse:
+                    return groups.grouped_call(self, x, name)
+                if eager:
+                    groups.interrupt()
                 return self.call_op(x, name)[0]
+        if eager:
+            groups.interrupt()
         adapter_names = kwargs.get("adapter_names")
         if self.disable_adapters or (self.merged and adapter_names is None):
             names: list[str] = []
@@ -293,7 +310,12 @@ def is_accelerated(module: nn.Module) -> bool:
     return isinstance(module, LoRAEngine)
 
 
-def _accelerate(module: nn.Module, criterion: str, dora_save_output: bool | None = None) -> bool:
+def _accelerate(
+    module: nn.Module,
+    criterion: str,
+    dora_save_output: bool | None = None,
+    fuse: bool | None = None,
+) -> bool:
     """Switch one PEFT LoRA layer to runlora's forward (in place); False if it cannot be."""
     if not isinstance(module, PeftEngine):
         if type(module) not in _peft_linear_classes():
@@ -304,6 +326,8 @@ def _accelerate(module: nn.Module, criterion: str, dora_save_output: bool | None
     module.criterion = criterion
     if dora_save_output is not None:
         module.dora_save_output = dora_save_output
+    if fuse is not None:
+        module.fuse = fuse
     return True
 
 
@@ -343,7 +367,11 @@ def _warn_if_none_accelerated(model: nn.Module) -> None:
 
 
 def from_peft(
-    peft_model: nn.Module, *, criterion: str = "flops", dora_save_output: bool | None = None
+    peft_model: nn.Module,
+    *,
+    criterion: str = "flops",
+    dora_save_output: bool | None = None,
+    fuse: bool = True,
 ) -> nn.Module:
     """Run every LoRA ``Linear`` of a PEFT model on runlora's op, in place (DoRA adapters on
     ``dora_linear``). Calling it again on the same model changes only the settings.
@@ -355,6 +383,10 @@ def from_peft(
             gradient (True, the default: no extra product in backward), or recompute ``x Wᵀ``
             in backward instead (False: saved bytes as LoRA's, one more ``N·in·out`` product).
             None leaves each layer's setting as it is.
+        fuse: layers that the model calls one after another with the very same input (q_proj,
+            k_proj, v_proj; gate_proj, up_proj) run as one ``fused_lora_linear`` call, found at
+            the first forward (``runlora.layers.groups``; ``describe`` shows the groups). False:
+            each layer runs its own op.
 
     Returns:
         ``peft_model`` itself, with the same parameter tensors (an optimizer built before keeps
@@ -366,6 +398,8 @@ def from_peft(
     known_criterion(criterion)
     if dora_save_output is not None and not isinstance(dora_save_output, bool):
         raise TypeError(f"dora_save_output must be True, False or None, got {dora_save_output!r}")
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be True or False, got {fuse!r}")
     from peft.tuners.lora import LoraModel
 
     layers = list(_lora_layers(peft_model))
@@ -377,26 +411,32 @@ def from_peft(
             stacklevel=2,
         )
     for _, module in layers:
-        _accelerate(module, criterion, dora_save_output)
+        _accelerate(module, criterion, dora_save_output, fuse)
     for tuner in peft_model.modules():
         if isinstance(tuner, LoraModel):
             # Layers PEFT creates later for this model (add_adapter / load_adapter with other
             # targets) run the op too: LoraModel.inject_adapter calls self._create_new_module.
             tuner.__dict__["_create_new_module"] = functools.partial(
-                _create_accelerated, criterion, dora_save_output
+                _create_accelerated, criterion, dora_save_output, fuse
             )
     _warn_if_none_accelerated(peft_model)
     return peft_model
 
 
 def _create_accelerated(
-    criterion: str, dora_save_output: bool | None, lora_config, adapter_name, target, **kwargs
+    criterion: str,
+    dora_save_output: bool | None,
+    fuse: bool,
+    lora_config,
+    adapter_name,
+    target,
+    **kwargs,
 ):
     """``LoraModel._create_new_module``, the new layer switched to runlora's op."""
     from peft.tuners.lora import LoraModel
 
     module = LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)
-    _accelerate(module, criterion, dora_save_output)
+    _accelerate(module, criterion, dora_save_output, fuse)
     return module
 
 
@@ -633,7 +673,7 @@ class Description(list):
         return "\n".join(lines)
 
 
-def _report(name: str, layer: nn.Module) -> LayerReport:
+def _report(name: str, layer: nn.Module, names: dict[int, str]) -> LayerReport:
     lora_a = getattr(layer, "lora_A", {})
     ranks = ",".join(f"{layer.r[n]}" for n in lora_a if n in getattr(layer, "r", {})) or "-"
     kind = type(layer).__name__
@@ -657,6 +697,8 @@ def _report(name: str, layer: nn.Module) -> LayerReport:
     if reason:
         return LayerReport(name, kind, in_f, out_f, ranks, "peft", reason)
     detail = layer.plan_summary()
+    if isinstance(layer, PeftEngine):
+        detail += "; " + groups.group_summary(layer, names)
     fallback = layer.__dict__.get("_runlora_fallback")
     if fallback:
         detail += f" (a call ran PEFT's forward: {fallback})"
@@ -668,8 +710,12 @@ def describe(model: nn.Module, *, file=sys.stdout) -> Description:
     PEFT's forward (and why). Prints the table to ``file`` (None: don't print).
 
     Plans appear once a layer has run a forward; before that the row says how it will plan.
+    A layer's row also says which layers it is fused with (``from_peft(fuse=...)``), or why
+    it runs its own op.
     """
-    rows = Description(_report(name, layer) for name, layer in _lora_layers(model))
+    layers = list(_lora_layers(model))
+    names = {id(layer): name for name, layer in layers}
+    rows = Description(_report(name, layer, names) for name, layer in layers)
     if file is not None:
         print(rows, file=file)
     return rows

@@ -40,6 +40,8 @@ from .routing import Routing, mixed_batch_forward
 __all__ = [
     "RunLoRALinear",
     "run_adapter",
+    "adapter_plan",
+    "in_activation_dtype",
     "base_args_fn",
     "register_base_kind",
     "is_supported_base",
@@ -133,6 +135,43 @@ def dropout_p(module: nn.Module) -> float:
     return float(module.p) if isinstance(module, nn.Dropout) else 0.0
 
 
+def in_activation_dtype(x: Tensor, lora_a: Tensor, lora_b: Tensor) -> tuple[Tensor, Tensor]:
+    """A ``(r, in)`` and B ``(out, r)`` in ``x``'s dtype: adapters kept in another dtype than
+    the activations (PEFT keeps fp32 adapters on a bf16 base) run in the activations' dtype;
+    the casts are differentiable, so gradients reach the parameters in their own dtype."""
+    if lora_a.dtype != x.dtype and x.is_floating_point():
+        return lora_a.to(x.dtype), lora_b.to(x.dtype)
+    return lora_a, lora_b
+
+
+def adapter_plan(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    *,
+    criterion: str,
+    bias: bool,
+    dropout: float,
+    quantized: bool = False,
+) -> Plan:
+    """The plan of one adapter (A ``(r, in)``, B ``(out, r)``) for ``x`` ``(..., in)``: its
+    token count bucketed, memoised (``runlora.planning.lookup``); ``dropout`` as it applies to
+    this call (0 outside training)."""
+    return lookup_plan(
+        x.numel() // max(1, x.shape[-1]),
+        lora_a.shape[1],
+        lora_b.shape[0],
+        lora_a.shape[0],
+        criterion=criterion,
+        needs_input_grad=x.requires_grad and torch.is_grad_enabled(),
+        bias=bias,
+        dropout=dropout,
+        dtype=x.dtype,
+        device=x.device,
+        quantized=quantized,
+    )
+
+
 def run_adapter(
     x: Tensor,
     base_args: tuple,
@@ -164,29 +203,20 @@ def run_adapter(
         (y of shape ``(..., out)``, the plan used).
     """
     weight, bias, quant = base_args
-    # Adapters kept in another dtype than the activations (PEFT keeps fp32 adapters on a bf16
-    # base) run in the activations' dtype; the casts are differentiable, so gradients reach the
-    # parameters in their own dtype.
-    if lora_a.dtype != x.dtype and x.is_floating_point():
-        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    lora_a, lora_b = in_activation_dtype(x, lora_a, lora_b)
     if magnitude is not None and magnitude.dtype != x.dtype and x.is_floating_point():
         magnitude = magnitude.to(x.dtype)
     if bias is not None and bias.dtype != x.dtype and quant is not None:
         bias = bias.to(x.dtype)
     p = dropout if training else 0.0
     if plan is None:
-        out_f, in_f = lora_b.shape[0], lora_a.shape[1]
-        plan = lookup_plan(
-            x.numel() // max(1, x.shape[-1]),
-            in_f,
-            out_f,
-            lora_a.shape[0],
+        plan = adapter_plan(
+            x,
+            lora_a,
+            lora_b,
             criterion=criterion,
-            needs_input_grad=x.requires_grad and torch.is_grad_enabled(),
             bias=bias is not None,
             dropout=p if magnitude is None else 0.0,  # DoRA's orders handle its dropout
-            dtype=x.dtype,
-            device=x.device,
             quantized=quant is not None,
         )
     if magnitude is not None:
@@ -236,6 +266,9 @@ class LoRAEngine:
     #: DoRA adapters: keep the unscaled output ``(N, out)`` for dm's gradient (no extra product
     #: in backward), or False: recompute ``x Wᵀ`` there and save only what LoRA saves.
     dora_save_output: bool = True
+    #: Run this layer and the layers called right after it with the very same input as one
+    #: ``fused_lora_linear`` call (``runlora.layers.groups``), where the host supports it.
+    fuse: bool = True
     _last_plan: tuple[int, Plan] | None = None  # (tokens, plan) of the last call
 
     def base_weight_args(self) -> tuple:
@@ -272,9 +305,36 @@ class LoRAEngine:
             magnitude=magnitude,
             save_output=self.dora_save_output,
         )
+        self.note_plan(x, plan)
+        return y, plan
+
+    def plain_adapter(self) -> str | None:
+        """The name of the layer's one active adapter when a plain call (no extra arguments)
+        runs it alone through the op, else None; a host that joins shared-input groups
+        (``runlora.layers.groups``) provides it."""
+        return None
+
+    def note_plan(self, x: Tensor, plan: Plan) -> None:
+        """Remember the plan of the last eager call (``plan_summary``, ``runlora.describe``)."""
         if not torch.compiler.is_compiling():
             self.__dict__["_last_plan"] = (x.numel() // max(1, x.shape[-1]), plan)
-        return y, plan
+
+    def fused_args(self, x: Tensor, name: str) -> tuple:
+        """What ``fused_lora_linear`` takes for plain adapter ``name`` on input ``x``:
+        ``(weight (out, in), bias or None, A (r, in), B (out, r), scaling, dropout, plan)``,
+        A and B in ``x``'s dtype, dropout 0 outside training, the plan as ``call_op`` would
+        look it up. The base must not be quantized (``base_weight_args()[2] is None``)."""
+        weight, bias, _ = self.base_weight_args()
+        lora_a, lora_b = in_activation_dtype(x, self.lora_A[name].weight, self.lora_B[name].weight)
+        p = dropout_p(self.lora_dropout[name]) if self.training else 0.0
+        plan = self.plan
+        if plan is None:
+            plan = adapter_plan(
+                x, lora_a, lora_b, criterion=self.criterion, bias=bias is not None, dropout=p
+            )
+        else:
+            plan = as_plan(plan)
+        return weight, bias, lora_a, lora_b, self.scaling[name], p, plan
 
     def planned_dropout(self, name: str) -> float:
         """The dropout probability the LoRA pair of adapter ``name`` is planned with in training:
