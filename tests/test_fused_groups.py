@@ -331,3 +331,13 @@ def test_backward_keeps_each_norm_output_once_per_group():
     step(fused, batch)
     assert _norm_saves(alone, batch) == [3, 2] * BLOCKS  # q, k, v; gate, up
     assert _norm_saves(fused, batch) == [1, 1] * BLOCKS
+
+
+def test_dora_layers_run_their_own_op_and_describe_says_why(monkeypatch):
+    _, ours, _ = build(llama(), config(use_dora=True, target_modules=["q_proj", "k_proj"]))
+    calls = count_calls(monkeypatch)
+    for _ in range(2):
+        ours(**text_batch()).loss.backward()
+    assert calls["fused"] == 0
+    rows = runlora.describe(ours, file=None)
+    assert rows and all(r.detail.endswith("not fused: a DoRA adapter") for r in rows)
