@@ -31,7 +31,7 @@ def config(**kwargs):
 def build(base, cfg):
     """(stock PEFT, runlora grouped, runlora ungrouped), all with the same adapter weights."""
     reference = peft.get_peft_model(copy.deepcopy(base), cfg)
-    fused = runlora.from_peft(peft.get_peft_model(copy.deepcopy(base), cfg))
+    fused = runlora.from_peft(peft.get_peft_model(copy.deepcopy(base), cfg), fuse=True)
     alone = runlora.from_peft(peft.get_peft_model(copy.deepcopy(base), cfg), fuse=False)
     for model in (fused, alone):
         model.load_state_dict(reference.state_dict())
@@ -96,9 +96,7 @@ def test_a_llama_runs_qkv_and_gate_up_fused_exactly(dropout, monkeypatch):
     assert rows["0.self_attn.k_proj"].endswith("fused with q_proj, v_proj")
     assert rows["1.mlp.gate_proj"].endswith("fused with up_proj")
     assert rows["0.self_attn.o_proj"].endswith("no other LoRA layer is called with its input")
-    assert all(
-        r.detail.endswith("not fused: fuse=False") for r in runlora.describe(alone, file=None)
-    )
+    assert all("fused" not in r.detail for r in runlora.describe(alone, file=None))
     for mode in (torch.no_grad, torch.inference_mode):  # found at once, used at the next call
         with mode():
             fresh = build(llama(), config(lora_dropout=dropout))[1]
@@ -175,7 +173,7 @@ def siblings(shared: bool = True):
         bias="all",
     )
     reference = peft.get_peft_model(copy.deepcopy(base), cfg)
-    ours = runlora.from_peft(peft.get_peft_model(copy.deepcopy(base), cfg))
+    ours = runlora.from_peft(peft.get_peft_model(copy.deepcopy(base), cfg), fuse=True)
     ours.load_state_dict(reference.state_dict())
     return reference, ours
 
@@ -275,7 +273,7 @@ def test_a_member_that_cannot_fuse_runs_the_group_alone_and_describe_says_why(mo
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
     rows = {r.name.rsplit(".", 1)[-1]: r.detail for r in runlora.describe(ours, file=None)}
     assert "the last call ran each alone" in rows["a"] and "fuse=False" in rows["a"]
-    assert rows["b"].endswith("not fused: fuse=False")
+    assert "fused" not in rows["b"]  # fuse=False: its row says nothing of groups
     with ours.disable_adapter():  # PEFT's own paths in between leave no stash behind
         torch.testing.assert_close(
             ours(x),
@@ -294,9 +292,11 @@ def test_from_peft_again_changes_only_settings():
     group = groups.group_of(ours.base_model.model.a)
     runlora.from_peft(ours, fuse=False)
     assert all(not m.fuse for m in (ours.base_model.model.a, ours.base_model.model.out))
-    runlora.from_peft(ours)
+    runlora.from_peft(ours)  # fuse=None: the settings stay
+    assert not ours.base_model.model.a.fuse
+    runlora.from_peft(ours, fuse=True)
     assert ours.base_model.model.a.fuse and groups.group_of(ours.base_model.model.b) is group
-    with pytest.raises(TypeError, match="fuse must be True or False"):
+    with pytest.raises(TypeError, match="fuse must be True, False or None"):
         runlora.from_peft(ours, fuse="yes")
 
 

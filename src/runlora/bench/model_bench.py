@@ -84,6 +84,7 @@ class BenchSettings:
     quant: str = "none"
     seed: int = 0
     dora: bool = False
+    fused: bool = False
 
     def check(self) -> None:
         """Raise ValueError, with what to do, on any setting that cannot run."""
@@ -275,8 +276,10 @@ def build_arms(
     model: nn.Module, batch: dict, settings: BenchSettings, targets: list[str]
 ) -> list[Arm]:
     """The floor, PEFT and one runlora arm per criterion, sharing ``model``'s weights; with
-    ``settings.dora`` also PEFT's DoRA (``peft_dora``) and runlora's, saving the unscaled output
-    for dm (``runlora_dora/<criterion>``) and recomputing it (``runlora_dora_lowmem/...``)."""
+    ``settings.fused`` a runlora arm with shared-input fusion (``runlora_fused/...``);
+    with ``settings.dora`` also PEFT's DoRA (``peft_dora``) and runlora's, saving the unscaled
+    output for dm (``runlora_dora/<criterion>``) and recomputing it (``runlora_dora_lowmem/...``).
+    """
     import peft
 
     from ..config import LoraConfig
@@ -318,6 +321,8 @@ def build_arms(
         )
         arms.append(arm("peft_dora", "peft_dora", peft_dora))
     variants = [("runlora", False, True)]
+    if settings.fused:
+        variants.append(("runlora_fused", False, True))
     if settings.dora:
         variants += [("runlora_dora", True, True), ("runlora_dora_lowmem", True, False)]
     for criterion in settings.criterions:
@@ -344,6 +349,8 @@ def build_arms(
                 )
             if use_dora:
                 from_peft(wrapped, criterion=criterion, dora_save_output=save_output)
+            if head == "runlora_fused":
+                from_peft(wrapped, criterion=criterion, fuse=True)
             arms.append(arm(name, "runlora_dora" if use_dora else "runlora", wrapped))
     return arms
 

@@ -131,6 +131,12 @@ def add_parser(sub, name: str) -> None:
         help="also PEFT's DoRA (use_dora=True) against runlora's DoRA: saving the unscaled "
         "output for the magnitude's gradient, and recomputing it (runlora_dora_lowmem)",
     )
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="also runlora with the projections that share an input fused into one op call "
+        "(runlora_fused: from_peft(model, fuse=True))",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="write no PREFIX.png")
 
@@ -181,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         quant=args.quant,
         seed=args.seed,
         dora=args.dora,
+        fused=args.fused,
     )
     try:
         settings.check()

@@ -371,7 +371,7 @@ def from_peft(
     *,
     criterion: str = "flops",
     dora_save_output: bool | None = None,
-    fuse: bool = True,
+    fuse: bool | None = None,
 ) -> nn.Module:
     """Run every LoRA ``Linear`` of a PEFT model on runlora's op, in place (DoRA adapters on
     ``dora_linear``). Calling it again on the same model changes only the settings.
@@ -383,10 +383,12 @@ def from_peft(
             gradient (True, the default: no extra product in backward), or recompute ``x Wᵀ``
             in backward instead (False: saved bytes as LoRA's, one more ``N·in·out`` product).
             None leaves each layer's setting as it is.
-        fuse: layers that the model calls one after another with the very same input (q_proj,
-            k_proj, v_proj; gate_proj, up_proj) run as one ``fused_lora_linear`` call, found at
-            the first forward (``runlora.layers.groups``; ``describe`` shows the groups). False:
-            each layer runs its own op.
+        fuse: True: layers that the model calls one after another with the very same input
+            (q_proj, k_proj, v_proj; gate_proj, up_proj) run as one ``fused_lora_linear`` call,
+            found at the first forward (``runlora.layers.groups``; ``describe`` shows the
+            groups). False (the default of a new layer): each layer runs its own op. None
+            leaves each layer's setting as it is. Off by default: on this project's CPU it
+            measured no faster (benchmarks/RESULTS.md).
 
     Returns:
         ``peft_model`` itself, with the same parameter tensors (an optimizer built before keeps
@@ -398,8 +400,8 @@ def from_peft(
     known_criterion(criterion)
     if dora_save_output is not None and not isinstance(dora_save_output, bool):
         raise TypeError(f"dora_save_output must be True, False or None, got {dora_save_output!r}")
-    if not isinstance(fuse, bool):
-        raise TypeError(f"fuse must be True or False, got {fuse!r}")
+    if fuse is not None and not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be True, False or None, got {fuse!r}")
     from peft.tuners.lora import LoraModel
 
     layers = list(_lora_layers(peft_model))
@@ -697,7 +699,7 @@ def _report(name: str, layer: nn.Module, names: dict[int, str]) -> LayerReport:
     if reason:
         return LayerReport(name, kind, in_f, out_f, ranks, "peft", reason)
     detail = layer.plan_summary()
-    if isinstance(layer, PeftEngine):
+    if isinstance(layer, PeftEngine) and layer.fuse:
         detail += "; " + groups.group_summary(layer, names)
     fallback = layer.__dict__.get("_runlora_fallback")
     if fallback:

@@ -268,7 +268,7 @@ class LoRAEngine:
     dora_save_output: bool = True
     #: Run this layer and the layers called right after it with the very same input as one
     #: ``fused_lora_linear`` call (``runlora.layers.groups``), where the host supports it.
-    fuse: bool = True
+    fuse: bool = False
     _last_plan: tuple[int, Plan] | None = None  # (tokens, plan) of the last call
 
     def base_weight_args(self) -> tuple:
