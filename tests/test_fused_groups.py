@@ -341,3 +341,39 @@ def test_dora_layers_run_their_own_op_and_describe_says_why(monkeypatch):
     assert calls["fused"] == 0
     rows = runlora.describe(ours, file=None)
     assert rows and all(r.detail.endswith("not fused: a DoRA adapter") for r in rows)
+
+
+def test_two_forwards_before_their_backwards_under_checkpointing(monkeypatch):
+    """A group fuses only once the backward of every forward that ran its members alone has
+    run: two recorded forwards, then their two backwards, recompute as they ran (non-reentrant
+    checkpointing refuses a recompute that saves other tensors), and later steps fuse."""
+    reference, fused, _ = build(llama(), config())
+    for model in (reference, fused):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = text_batch(seed=3)
+    losses = [fused(**batch).loss, fused(**batch).loss]
+    for loss in losses:
+        loss.backward()
+    ours = {n: p.grad.clone() for n, p in fused.named_parameters() if p.requires_grad}
+    ref_losses = [reference(**batch).loss, reference(**batch).loss]
+    for loss in ref_losses:
+        loss.backward()
+    for name, p in reference.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(ours[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    calls = count_calls(monkeypatch)
+    step(fused, batch)
+    assert calls["fused"] == 2 * BLOCKS * 2  # now fused (each block's forward and recompute)
+
+
+def test_a_deleted_model_is_not_kept_alive_by_discovery():
+    import gc
+    import weakref
+
+    _, fused, _ = build(llama(), config())
+    with torch.no_grad():
+        fused(**text_batch())
+    down = weakref.ref(fused.base_model.model.model.layers[-1].mlp.down_proj)
+    del fused
+    gc.collect()
+    assert down() is None

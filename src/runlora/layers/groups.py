@@ -73,16 +73,32 @@ class SharedInputGroup:
 
 
 class _Ready:
-    """Set by a hook on the autograd node of the chain's first call, once its backward ran (see
-    ``grouped_call``), or at once when that call records no node."""
+    """Whether a group may fuse: once the backward of every recorded forward that ran its
+    members alone has run (a recompute of one of those under non-reentrant checkpointing must
+    save what that forward saved), counted by hooks on the autograd node of the first member's
+    call in each such forward (see ``grouped_call``); at once if none recorded a node."""
 
-    __slots__ = ("ready",)
+    __slots__ = ("ready", "pending")
 
     def __init__(self) -> None:
         self.ready = False
+        self.pending = 0
+
+    def wait_for(self, y: Tensor) -> None:
+        """Count the forward whose first-member output is ``y`` (no node: nothing to wait for;
+        a recompute inside a backward is not waited for: its node never runs a backward)."""
+        if torch._C._current_graph_task_id() != -1:
+            return
+        if y.grad_fn is None:
+            self.ready = self.pending == 0
+            return
+        self.pending += 1
+        y.grad_fn.register_hook(self)
 
     def __call__(self, grad_inputs, grad_outputs) -> None:
-        self.ready = True
+        self.pending -= 1
+        if self.pending == 0:
+            self.ready = True
 
 
 class _Stash:
@@ -112,7 +128,7 @@ class _Stash:
 class _State(threading.local):
     def __init__(self) -> None:
         self.stash: _Stash | None = None
-        self.chain: list[nn.Module] = []
+        self.chain: list[weakref.ref] = []  # weak: a deleted model is not kept alive
         self.chain_key: tuple | None = None  # (weakref to x, version, shape, grad mode)
         self.chain_ready: _Ready | None = None
 
@@ -135,7 +151,7 @@ def group_of(layer: nn.Module):
 
 
 def _end_chain(state: _State) -> None:
-    chain = [m for m in state.chain if group_of(m) is None]
+    chain = [m for ref in state.chain if (m := ref()) is not None and group_of(m) is None]
     ready = state.chain_ready
     state.chain, state.chain_key, state.chain_ready = [], None, None
     if len(chain) >= 2:
@@ -165,15 +181,15 @@ def _observe(state: _State, layer: nn.Module, x: Tensor, undiscovered: bool) -> 
         and key[1] == _version(x)
         and key[2] == x.shape
         and key[3] == torch.is_grad_enabled()
-        and layer not in state.chain
+        and all(ref() is not layer for ref in state.chain)
     ):
-        state.chain.append(layer)
+        state.chain.append(weakref.ref(layer))
         return False
     if state.chain:
         _end_chain(state)
     if group_of(layer) is not None:
         return False
-    state.chain = [layer]
+    state.chain = [weakref.ref(layer)]
     state.chain_key = (weakref.ref(x), _version(x), x.shape, torch.is_grad_enabled())
     state.chain_ready = _Ready()
     return True
@@ -248,20 +264,19 @@ def grouped_call(layer: nn.Module, x: Tensor, name: str) -> Tensor:
     if group is None or state.chain:
         starts = _observe(state, layer, x, group is None)
         group = group_of(layer)
-    if type(group) is SharedInputGroup and group.members[0] is layer and group.ready:
+    first = type(group) is SharedInputGroup and group.members[0] is layer
+    if first and group.ready:
         y = _run_group(group, x)
         if y is not None:
             return y
     y = layer.call_op(x, name)[0]
+    # The backward of a forward that ran the members alone may recompute it (non-reentrant
+    # checkpointing checks that the recompute saves what the forward saved): a group fuses
+    # only once every such forward's backward has run.
     if starts:
-        # The backward of this forward may recompute it (non-reentrant checkpointing checks
-        # that the recompute saves what the forward saved, which ran each layer alone): a
-        # group found here is used once this call's node has run its backward, after any such
-        # recompute; at once if autograd recorded nothing.
-        if y.grad_fn is None:
-            state.chain_ready.ready = True
-        else:
-            y.grad_fn.register_hook(state.chain_ready)
+        state.chain_ready.wait_for(y)
+    elif first and not group.ready:
+        group._ready.wait_for(y)
     return y
 
 
