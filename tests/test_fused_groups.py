@@ -377,3 +377,20 @@ def test_a_deleted_model_is_not_kept_alive_by_discovery():
     del fused
     gc.collect()
     assert down() is None
+
+
+def test_a_fused_model_loaded_in_a_fresh_process_still_fuses(tmp_path):
+    """Grouping is skipped until some layer fuses; a model unpickled elsewhere turns it on."""
+    import subprocess
+    import sys
+
+    _, fused, _ = build(llama(), config())
+    torch.save(fused, tmp_path / "model.pt")
+    code = (
+        "import sys, torch, runlora, runlora.layers.groups as g\n"
+        "assert not g.ENABLED\n"
+        f"m = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
+        "assert g.ENABLED and m.base_model.model.model.layers[0].self_attn.q_proj.fuse\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

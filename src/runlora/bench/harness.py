@@ -30,6 +30,7 @@ __all__ = [
     "BenchError",
     "resolve_device",
     "check_run",
+    "timing_of",
     "interleave",
     "Arm",
     "ArmResult",
@@ -53,6 +54,14 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+TIMING = ("device", "warmup_rounds", "min_run_time", "min_rounds", "max_rounds")
+
+
+def timing_of(settings) -> dict:
+    """The ``measure_arms`` options a bench's settings carry (``TIMING``), by name."""
+    return {name: getattr(settings, name) for name in TIMING}
 
 
 def check_run(

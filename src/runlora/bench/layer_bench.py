@@ -36,6 +36,7 @@ from .harness import (
     mean_ratio,
     measure_arms,
     round_ratio_median,
+    timing_of,
 )
 from .memory import MIB, storage_ptrs
 from .report import text_table
@@ -79,15 +80,7 @@ class LayerSettings:
         if not self.shapes or not self.ranks:
             raise BenchError("give at least one shape and one rank")
         dropout_probability("lora dropout", self.dropout)
-        check_run(
-            dtype=self.dtype,
-            device=self.device,
-            criterions=(self.criterion,),
-            min_run_time=self.min_run_time,
-            warmup_rounds=self.warmup_rounds,
-            min_rounds=self.min_rounds,
-            max_rounds=self.max_rounds,
-        )
+        check_run(dtype=self.dtype, criterions=(self.criterion,), **timing_of(self))
 
 
 @dataclass
@@ -256,11 +249,7 @@ def measure_layer(
     ratios), ``saved_mib`` (saved for backward, W, A and B excluded), ``peak_mib``, the plan."""
     results = measure_arms(
         arms,
-        device=settings.device,
-        warmup_rounds=settings.warmup_rounds,
-        min_run_time=settings.min_run_time,
-        min_rounds=settings.min_rounds,
-        max_rounds=settings.max_rounds,
+        **timing_of(settings),
         clock=clock,
         progress=progress,
         desc=desc,

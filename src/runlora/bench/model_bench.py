@@ -42,6 +42,7 @@ from .harness import (
     mean_ratio,
     measure_arms,
     round_ratio_median,
+    timing_of,
 )
 from .memory import MIB, PEAK_KINDS, storage_ptrs
 from .report import bar_panels, environment, fmt, text_table, write_csv_json
@@ -91,15 +92,7 @@ class BenchSettings:
         for name in ("batch_size", "seq_len", "r"):
             positive_int(name.replace("_", " "), getattr(self, name))
         dropout_probability("lora dropout", self.lora_dropout)
-        check_run(
-            dtype=self.dtype,
-            device=self.device,
-            criterions=self.criterions,
-            min_run_time=self.min_run_time,
-            warmup_rounds=self.warmup_rounds,
-            min_rounds=self.min_rounds,
-            max_rounds=self.max_rounds,
-        )
+        check_run(dtype=self.dtype, criterions=self.criterions, **timing_of(self))
         if self.quant not in QUANT:
             raise BenchError(f"--quant must be one of {', '.join(QUANT)}, got {self.quant!r}")
         if self.quant != "none":
@@ -382,11 +375,7 @@ def bench_model(
     arms = build_arms(model, batch, settings, targets)
     results = measure_arms(
         arms,
-        device=settings.device,
-        warmup_rounds=settings.warmup_rounds,
-        min_run_time=settings.min_run_time,
-        min_rounds=settings.min_rounds,
-        max_rounds=settings.max_rounds,
+        **timing_of(settings),
         clock=clock,
         progress=progress,
         desc=name_or_path,

@@ -210,16 +210,17 @@ class PeftEngine(LoRAEngine):
         return None
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        eager = not torch.compiler.is_compiling()
+        # shared-input groups keep state between calls: only once some layer fuses, eagerly
+        grouping = groups.ENABLED and not torch.compiler.is_compiling()
         if not args and not kwargs:  # the common case, kept short: one plain active adapter
             name = self.plain_adapter()
             if name is not None:
-                if eager and self.fuse:
-                    return groups.grouped_call(self, x, name)
-                if eager:
+                if grouping:
+                    if self.fuse:
+                        return groups.grouped_call(self, x, name)
                     groups.interrupt()
                 return self.call_op(x, name)[0]
-        if eager:
+        if grouping:
             groups.interrupt()
         adapter_names = kwargs.get("adapter_names")
         if self.disable_adapters or (self.merged and adapter_names is None):

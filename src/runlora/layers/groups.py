@@ -162,6 +162,17 @@ def _end_chain(state: _State) -> None:
         chain[0].__dict__["_runlora_group"] = ALONE
 
 
+#: True once any layer has had ``fuse`` set: until then no call needs the bookkeeping below,
+#: and a layer's forward skips it (one module attribute read).
+ENABLED = False
+
+
+def enable() -> None:
+    """Note that some layer fuses from now on (``LoRAEngine.fuse = True`` calls this)."""
+    global ENABLED
+    ENABLED = True
+
+
 def interrupt() -> None:
     """A call that is not a plain grouped one: drop the stash, end the discovery chain. Called
     eagerly only (never under ``torch.compile``)."""

@@ -35,6 +35,7 @@ from ..ops.function import lora_linear
 from ..ops.plan import Plan, as_plan
 from ..planning.criteria import known_criterion
 from ..planning.lookup import lookup_plan, token_bucket
+from . import groups
 from .routing import Routing, mixed_batch_forward
 
 __all__ = [
@@ -266,9 +267,6 @@ class LoRAEngine:
     #: DoRA adapters: keep the unscaled output ``(N, out)`` for dm's gradient (no extra product
     #: in backward), or False: recompute ``x Wᵀ`` there and save only what LoRA saves.
     dora_save_output: bool = True
-    #: Run this layer and the layers called right after it with the very same input as one
-    #: ``fused_lora_linear`` call (``runlora.layers.groups``), where the host supports it.
-    fuse: bool = False
     _last_plan: tuple[int, Plan] | None = None  # (tokens, plan) of the last call
 
     def base_weight_args(self) -> tuple:
@@ -307,6 +305,23 @@ class LoRAEngine:
         )
         self.note_plan(x, plan)
         return y, plan
+
+    @property
+    def fuse(self) -> bool:
+        """Run this layer and the layers called right after it with the very same input as one
+        ``fused_lora_linear`` call (``runlora.layers.groups``), where the host supports it."""
+        return self.__dict__.get("_runlora_fuse", False)
+
+    @fuse.setter
+    def fuse(self, value: bool) -> None:
+        self.__dict__["_runlora_fuse"] = bool(value)
+        if value:
+            groups.enable()
+
+    def __setstate__(self, state: dict) -> None:  # unpickled in a fresh process, or deep-copied
+        super().__setstate__(state)
+        if state.get("_runlora_fuse"):
+            groups.enable()
 
     def plain_adapter(self) -> str | None:
         """The name of the layer's one active adapter when a plain call (no extra arguments)
