@@ -757,3 +757,28 @@ def test_plan_requests_cover_what_a_training_step_plans(monkeypatch, use_dora):
     assert asked
     synced = set(plan_requests(model, LOCAL_BATCH * SEQ))
     assert {q.bucketed() for q in asked} <= synced
+
+
+@pytest.mark.parametrize("extra_on", [0, 1])
+def test_ranks_planning_different_numbers_of_shapes_get_a_clear_error(monkeypatch, extra_on):
+    """One rank's requests a prefix of another's: a RuntimeError naming both counts and what
+    to do, not a bare StopIteration (the gather is stubbed: 2 ranks)."""
+    import runlora.integrations.distributed as distributed
+    from runlora.planning.planner import Plan
+    from runlora.planning.request import PlanRequest
+
+    plan = Plan("sequential", "recompute_split", criterion="flops")
+    one = {PlanRequest.for_call(64, 32, 48, 4): plan}
+    two = {**one, PlanRequest.for_call(64, 48, 32, 4): plan}
+    per_rank = [two, one] if extra_on == 0 else [one, two]
+
+    def gather(out, mine, group=None):
+        for i, result in enumerate(per_rank):
+            out[i] = [
+                (dict(distributed._across_ranks(q.to_dict())), distributed._signature(p))
+                for q, p in result.items()
+            ]
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", gather)
+    with pytest.raises(RuntimeError, match=r"plans \d layer shapes, rank 0 \d.*same LoraConfig"):
+        distributed._check_same_plans(per_rank[0], 0, 2, 0, None)

@@ -70,8 +70,8 @@ def base_model():
     return transformers.LlamaForCausalLM(config)
 
 
-def lora_config():
-    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)
+def lora_config(**kwargs):
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, **kwargs)
 
 
 TEXTS = datasets.Dataset.from_dict(
@@ -130,7 +130,7 @@ def assert_adapter_only_checkpoint(directory, model) -> None:
 # --- TRL SFTTrainer ------------------------------------------------------------------------
 
 
-def sft_trainer(how: str, out, tokenizer, **overrides):
+def sft_trainer(how: str, out, tokenizer, config=None, **overrides):
     """An SFTTrainer with PEFT's LoRA ("peft"), runlora's model ("get_runlora_model"), or a plain
     model and ``peft_config=`` under ``patch_peft`` ("patch_peft")."""
     args = trl.SFTConfig(
@@ -151,7 +151,7 @@ def sft_trainer(how: str, out, tokenizer, **overrides):
     if how == "get_runlora_model":
         model = base_model()
         transformers.set_seed(args.seed)  # the adapter init SFTTrainer(peft_config=) gets
-        model = runlora.get_runlora_model(model, lora_config())
+        model = runlora.get_runlora_model(model, config or lora_config())
         return trl.SFTTrainer(
             model=model, args=args, train_dataset=TEXTS, processing_class=tokenizer
         )
@@ -162,7 +162,7 @@ def sft_trainer(how: str, out, tokenizer, **overrides):
         args=args,
         train_dataset=TEXTS,
         processing_class=tokenizer,
-        peft_config=lora_config(),
+        peft_config=config or lora_config(),
     )
 
 
@@ -204,6 +204,25 @@ def test_sft_trainer_trains_like_peft_saves_adapters_and_resumes(
     assert again.keys() == final.keys()
     for name, value in final.items():
         torch.testing.assert_close(again[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sft_trainer_with_dora_runs_runlora_dora_like_peft(tokenizer, op_calls, tmp_path):
+    """``peft_config=LoraConfig(use_dora=True)`` under ``patch_peft``: every DoRA layer runs
+    runlora's DoRA op, the losses are PEFT DoRA's, checkpoints hold the magnitude vectors."""
+    config = lora_config(use_dora=True)
+    runlora.unpatch_peft()
+    reference = sft_trainer("peft", tmp_path / "peft", tokenizer, config, save_strategy="no")
+    reference.train()
+    trainer = sft_trainer("patch_peft", tmp_path / "run", tokenizer, config)
+    trainer.train()
+    assert_all_ran_runlora(trainer.model, op_calls, at_least=STEPS)
+    torch.testing.assert_close(logged_losses(trainer), logged_losses(reference), **LOSS_TOL)
+    checkpoint = tmp_path / "run" / f"checkpoint-{SAVE_EVERY}"
+    assert_adapter_only_checkpoint(checkpoint, trainer.model)
+    from safetensors.torch import load_file
+
+    keys = load_file(checkpoint / "adapter_model.safetensors").keys()
+    assert sum("lora_magnitude_vector" in k for k in keys) == len(targeted_layers(trainer.model))
 
 
 # --- TRL DPOTrainer ------------------------------------------------------------------------
