@@ -22,6 +22,7 @@ from .integrations.peft import (
     unpatch_peft,
 )
 from .layers import RunLoRALinear
+from .layers.recompute import enable as recompute_inputs
 from .ops import (
     BACKWARD_VARIANTS,
     FORWARD_VARIANTS,
@@ -57,6 +58,7 @@ __all__ = [
     "patch_peft",
     "unpatch_peft",
     "describe",
+    "recompute_inputs",
     "__version__",
 ]
 

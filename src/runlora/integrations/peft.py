@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import LoraConfig as _RunLoRAConfig
-from ..layers import groups
+from ..layers import groups, recompute
 from ..layers.layer import LoRAEngine, RunLoRALinear, base_args_fn, is_supported_base
 from ..layers.routing import BASE, Routing, mixed_batch_forward
 from ..ops.dora import forget_weight_norms
@@ -373,6 +373,7 @@ def from_peft(
     criterion: str = "flops",
     dora_save_output: bool | None = None,
     fuse: bool | None = None,
+    recompute_inputs: bool = True,
 ) -> nn.Module:
     """Run every LoRA ``Linear`` of a PEFT model on runlora's op, in place (DoRA adapters on
     ``dora_linear``). Calling it again on the same model changes only the settings.
@@ -390,6 +391,11 @@ def from_peft(
             groups). False (the default of a new layer): each layer runs its own op. None
             leaves each layer's setting as it is. Off by default: on this project's CPU it
             measured no faster (benchmarks/RESULTS.md).
+        recompute_inputs: True (the default): the RMSNorm / LayerNorm outputs and the gated
+            MLP's ``act(gate) * up`` that feed LoRA layers are formed again in backward from
+            tensors autograd keeps anyway, instead of being saved (``runlora.layers.recompute``):
+            training saves what the frozen model saves. False: give those modules their own
+            forward back, and the op saves each layer's input.
 
     Returns:
         ``peft_model`` itself, with the same parameter tensors (an optimizer built before keeps
@@ -422,6 +428,9 @@ def from_peft(
             tuner.__dict__["_create_new_module"] = functools.partial(
                 _create_accelerated, criterion, dora_save_output, fuse
             )
+    if not isinstance(recompute_inputs, bool):
+        raise TypeError(f"recompute_inputs must be True or False, got {recompute_inputs!r}")
+    recompute.enable(peft_model, recompute_inputs)
     _warn_if_none_accelerated(peft_model)
     return peft_model
 
@@ -599,6 +608,7 @@ def _patch(criterion: str) -> PatchHandle:
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
         out = inject(self, model, adapter_name, *args, **kwargs)
         if _ACTIVE is not None:
+            recompute.enable(model)
             _warn_if_none_accelerated(model)
         return out
 
@@ -700,6 +710,9 @@ def _report(name: str, layer: nn.Module, names: dict[int, str]) -> LayerReport:
     if reason:
         return LayerReport(name, kind, in_f, out_f, ranks, "peft", reason)
     detail = layer.plan_summary()
+    remade = layer.__dict__.get("_runlora_input_remade")
+    if remade is not None:
+        detail += f"; input {'recomputed' if remade else 'saved'}"
     if isinstance(layer, PeftEngine) and layer.fuse:
         detail += "; " + groups.group_summary(layer, names)
     fallback = layer.__dict__.get("_runlora_fallback")

@@ -33,6 +33,7 @@ from ..ops.checks import dropout_probability, positive_int
 from ..ops.dora import dora_linear
 from ..ops.function import lora_linear
 from ..ops.plan import Plan, as_plan
+from ..ops.remake import remake_of
 from ..planning.criteria import known_criterion
 from ..planning.lookup import lookup_plan, token_bucket
 from . import groups
@@ -333,6 +334,8 @@ class LoRAEngine:
         """Remember the plan of the last eager call (``plan_summary``, ``runlora.describe``)."""
         if not torch.compiler.is_compiling():
             self.__dict__["_last_plan"] = (x.numel() // max(1, x.shape[-1]), plan)
+            if x.requires_grad and torch.is_grad_enabled():
+                self.__dict__["_runlora_input_remade"] = remake_of(x) is not None
 
     def fused_args(self, x: Tensor, name: str) -> tuple:
         """What ``fused_lora_linear`` takes for plain adapter ``name`` on input ``x``:

@@ -51,6 +51,7 @@ from .dora_variants import DoRAPlan, as_dora_plan, choose_dora_plan
 from .dropout import DropMask, draw_mask
 from .plan import Plan, as_plan
 from .products import addmm_into, db_from_la, la_product, merge_weight
+from .remake import remake_of
 from .variants import Problem
 
 __all__ = ["dora_linear", "weight_norms", "forget_weight_norms"]
@@ -232,20 +233,37 @@ def _u_term(dm_order: str, dy: Tensor, lx: Tensor, w: Tensor, acc: torch.dtype) 
 class _DoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x, weight, lora_a, lora_b, magnitude, bias, scaling, dropout, plan, keep_xa, quant
+        ctx,
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        magnitude,
+        bias,
+        scaling,
+        dropout,
+        plan,
+        keep_xa,
+        quant,
+        remake,
     ):
         keep_u = plan.dm == "saved" and ctx.needs_input_grad[4]
         y, n, u, la, seed = _forward(
             x, weight, lora_a, lora_b, magnitude, bias, scaling, dropout, plan, keep_u, quant
         )
-        ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, n, u, la if keep_xa else None)
+        kept = (x,) if remake is None else remake.tensors  # x formed again in backward
+        ctx.save_for_backward(
+            weight, lora_a, lora_b, magnitude, n, u, la if keep_xa else None, *kept
+        )
+        ctx.remake, ctx.x_shape = remake, x.shape
         ctx.scaling, ctx.dropout, ctx.seed = scaling, dropout, seed
         ctx.plan, ctx.quant = plan, quant
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, lora_a, lora_b, magnitude, n, u, la = ctx.saved_tensors
+        weight, lora_a, lora_b, magnitude, n, u, la, *kept = ctx.saved_tensors
+        x = kept[0] if ctx.remake is None else function._remade(ctx.remake, kept, ctx.x_shape)
         need_x, _, need_a, need_b, need_m, need_bias = ctx.needs_input_grad[:6]
         need_lora = need_a or need_b
         plan, quant, p, s = ctx.plan, ctx.quant, ctx.dropout, ctx.scaling
@@ -319,7 +337,7 @@ class _DoRAFunction(torch.autograd.Function):
             db if need_b else None,
             dm,
             dbias,
-            *([None] * 5),
+            *([None] * 6),
         )
 
 
@@ -457,7 +475,18 @@ def dora_linear(
                 x, weight, lora_A, lora_B, magnitude, bias, scaling, p, plan, False, quant
             )[0]
         return _DoRAFunction.apply(
-            x, weight, lora_A, lora_B, magnitude, bias, scaling, p, plan, keep_xa, quant
+            x,
+            weight,
+            lora_A,
+            lora_B,
+            magnitude,
+            bias,
+            scaling,
+            p,
+            plan,
+            keep_xa,
+            quant,
+            remake_of(x),
         )
 
 

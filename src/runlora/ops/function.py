@@ -1,7 +1,8 @@
 """The LoRA op as one autograd Function that runs a planned (forward, backward) pair.
 
-What it keeps for backward: the input x (once, as given), the parameters, and with dropout one
-int seed. Never X Aᵀ (unless asked), never an ``(N, out)`` tensor, never a mask or a dropped copy
+What it keeps for backward: the input x (once, as given) or, where x is marked with a
+``runlora.ops.remake.Remake``, the tensors x is formed again from (kept by autograd anyway), the
+parameters, and with dropout one int seed. Never X Aᵀ (unless asked), never an ``(N, out)`` tensor, never a mask or a dropped copy
 of x: the dropout mask is regenerated in backward from the seed.
 """
 
@@ -17,6 +18,7 @@ from torch import Tensor
 from .dropout import DropMask, draw_mask
 from .plan import Plan, as_plan
 from .products import addmm_into, db_from_la, la_product, merge_weight, z_product
+from .remake import Remake, remake_of
 from .variants import BackwardVariant, ForwardVariant, Problem
 
 __all__ = [
@@ -176,19 +178,27 @@ def _forward(x, weight, lora_a, lora_b, bias, scaling, dropout, plan, quant):
 
 class _LoRAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, dropout, plan, keep_la, quant):
+    def forward(
+        ctx, x, weight, lora_a, lora_b, bias, scaling, dropout, plan, keep_la, quant, remake
+    ):
         y, la, scaling, seed = _forward(
             x, weight, lora_a, lora_b, bias, scaling, dropout, plan, quant
         )
-        ctx.save_for_backward(x, weight, lora_a, lora_b, la if keep_la else None)
+        ctx.remake = remake
+        if remake is None:
+            ctx.save_for_backward(weight, lora_a, lora_b, la if keep_la else None, x)
+        else:  # x is formed again in backward from tensors autograd keeps anyway
+            ctx.save_for_backward(weight, lora_a, lora_b, la if keep_la else None, *remake.tensors)
+        ctx.x_shape = x.shape
         ctx.scaling, ctx.dropout, ctx.seed = scaling, dropout, seed
         ctx.bwd, ctx.layout, ctx.quant = plan.backward_variant, plan.layout, quant
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, lora_a, lora_b, la = ctx.saved_tensors
+        weight, lora_a, lora_b, la, *kept = ctx.saved_tensors
         need_x, _, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        x = kept[0] if ctx.remake is None else _remade(ctx.remake, kept, ctx.x_shape)
         in_features = x.shape[-1]
         dy = grad_out.reshape(-1, grad_out.shape[-1])
         x2d = x.reshape(-1, in_features)
@@ -220,7 +230,18 @@ class _LoRAFunction(torch.autograd.Function):
         dbias = dy.sum(0) if need_bias else None
         if dx is not None:
             dx = dx.reshape(x.shape)
-        return dx, None, da if need_a else None, db if need_b else None, dbias, *([None] * 5)
+        return dx, None, da if need_a else None, db if need_b else None, dbias, *([None] * 6)
+
+
+def _remade(remake: Remake, kept: list[Tensor], shape: torch.Size) -> Tensor:
+    """The op's input x ``shape``, formed again from the remake's saved tensors ``kept``."""
+    x = remake(*kept)
+    if x.shape != shape:  # the producer broke its promise: fail loudly rather than be wrong
+        raise RuntimeError(
+            f"runlora: a recomputed LoRA input has shape {tuple(x.shape)}, the forward's had "
+            f"{tuple(shape)} ({remake!r})"
+        )
+    return x
 
 
 def check_args(x, weight, lora_a, lora_b, bias, scaling, dropout) -> None:
@@ -425,7 +446,7 @@ def lora_linear(
         if not _needs_graph(x, lora_A, lora_B, bias):  # inference: no autograd node at all
             return _forward(x, weight, lora_A, lora_B, bias, float(scaling), p, plan, quant)[0]
         return _LoRAFunction.apply(
-            x, weight, lora_A, lora_B, bias, float(scaling), p, plan, keep_xa, quant
+            x, weight, lora_A, lora_B, bias, float(scaling), p, plan, keep_xa, quant, remake_of(x)
         )
 
 

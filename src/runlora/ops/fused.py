@@ -37,6 +37,7 @@ from . import function
 from .fused_variants import backward_schedule, forward_schedule
 from .plan import Plan, as_plan
 from .products import addmm_into, db_from_la, la_product, merge_weight
+from .remake import remake_of
 from .variants import Problem
 
 __all__ = ["fused_lora_linear"]
@@ -112,11 +113,13 @@ def _forward(spec: _Spec, x, weights, lora_as, lora_bs, biases):
 
 class _FusedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec: _Spec, x, *params):
+    def forward(ctx, spec: _Spec, remake, x, *params):
         kk = len(spec.plans)
         weights, lora_as, lora_bs, biases = (params[i * kk : (i + 1) * kk] for i in range(4))
         ys, seeds = _forward(spec, x, weights, lora_as, lora_bs, biases)
-        ctx.save_for_backward(x, *weights, *lora_as, *lora_bs)
+        kept = (x,) if remake is None else remake.tensors  # x formed again in backward
+        ctx.save_for_backward(*weights, *lora_as, *lora_bs, *kept)
+        ctx.remake, ctx.x_shape = remake, x.shape
         # As K separate ops: an output depends on x and its own adapter only.
         ctx.mark_non_differentiable(
             *(ys[k] for k in range(kk) if not _requires_grad(x, lora_as[k], lora_bs[k], biases[k]))
@@ -129,11 +132,13 @@ class _FusedFunction(torch.autograd.Function):
     def backward(ctx, *grad_outs):
         spec, seeds = ctx.spec, ctx.seeds
         kk = len(spec.plans)
-        x, *params = ctx.saved_tensors
-        weights, lora_as, lora_bs = (params[i * kk : (i + 1) * kk] for i in range(3))
+        saved = ctx.saved_tensors
+        weights, lora_as, lora_bs = (saved[i * kk : (i + 1) * kk] for i in range(3))
+        kept = saved[3 * kk :]
+        x = kept[0] if ctx.remake is None else function._remade(ctx.remake, kept, ctx.x_shape)
         needs = ctx.needs_input_grad
-        need_x = needs[1]
-        need_a, need_b, need_bias = (needs[2 + i * kk : 2 + (i + 1) * kk] for i in (1, 2, 3))
+        need_x = needs[2]
+        need_a, need_b, need_bias = (needs[3 + i * kk : 3 + (i + 1) * kk] for i in (1, 2, 3))
         needs_lora = [need_a[k] or need_b[k] for k in range(kk)]
         x2d = x.reshape(-1, x.shape[-1])
         dys = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grad_outs]
@@ -229,6 +234,7 @@ class _FusedFunction(torch.autograd.Function):
             dx = dx.reshape(x.shape)
         dbias = [dys[k].sum(0) if need_bias[k] and dys[k] is not None else None for k in range(kk)]
         return (
+            None,
             None,
             dx if need_x else None,
             *([None] * kk),
@@ -356,4 +362,4 @@ def fused_lora_linear(
     with torch.autocast(x.device.type, enabled=False) if cast_to is not None else nullcontext():
         if not _needs_graph(x, *params):  # inference: no autograd node at all
             return _forward(spec, x, weights, lora_As, lora_Bs, biases)[0]
-        return _FusedFunction.apply(spec, x, *params)
+        return _FusedFunction.apply(spec, remake_of(x), x, *params)

@@ -1,0 +1,290 @@
+"""LoRA inputs recomputed in backward (runlora.layers.recompute, runlora.ops.remake): the same
+outputs and gradients as saving them, and what the frozen model saves."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from tiny_models import gpt2, llama, loss_of, minilm, text_batch
+
+import runlora
+from runlora.bench.memory import saved_tensor_bytes, storage_ptrs
+from runlora.layers import recompute
+from runlora.ops.remake import mark_remake, remake_of
+
+peft = pytest.importorskip("peft")
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _peft_model(base, dropout=0.0, bias="none", **kw):
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=dropout,
+        target_modules=ALL,
+        init_lora_weights=False,
+        bias=bias,
+        **kw,
+    )
+    torch.manual_seed(3)
+    return peft.get_peft_model(copy.deepcopy(base), config)
+
+
+def _step(model, batch, seed=1):
+    """(saved bytes, loss, {name: grad}) of one training step."""
+    model.train()
+    torch.manual_seed(seed)
+    skip = storage_ptrs([*model.parameters(), *model.buffers()])
+    saved, loss = saved_tensor_bytes(lambda: loss_of(model, batch), exclude=skip)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return saved, loss.detach(), grads
+
+
+def _frozen_saved(base, batch):
+    frozen = copy.deepcopy(base)
+    frozen.requires_grad_(False)
+    frozen.enable_input_require_grads()
+    frozen.train()
+    skip = storage_ptrs([*frozen.parameters(), *frozen.buffers()])
+    return saved_tensor_bytes(lambda: loss_of(frozen, batch), exclude=skip)[0]
+
+
+def _pair(base, **kw):
+    """The same PEFT model under runlora, with and without recomputed inputs."""
+    on = runlora.from_peft(_peft_model(base, **kw))
+    off = runlora.from_peft(_peft_model(base, **kw), recompute_inputs=False)
+    return on, off
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_same_outputs_and_gradients_as_saving_inputs(dropout, bias):
+    base = llama(attention_bias=bias, mlp_bias=bias)
+    on, off = _pair(base, dropout=dropout, bias="lora_only" if bias else "none")
+    assert recompute.recomputed_modules(on) and not recompute.recomputed_modules(off)
+    batch = text_batch()
+    s_on, loss_on, g_on = _step(on, batch)
+    s_off, loss_off, g_off = _step(off, batch)
+    assert torch.equal(loss_on, loss_off)
+    assert g_on.keys() == g_off.keys() and len(g_on) > 0
+    for name in g_on:  # the same tensors formed by the same ops: bitwise
+        assert torch.equal(g_on[name], g_off[name]), name
+    assert s_on < s_off
+
+
+def test_matches_peft_fp32_and_bf16():
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        base = llama().to(dtype)
+        ref = _peft_model(base)
+        ours = runlora.from_peft(_peft_model(base))
+        batch = text_batch()
+        _, loss_ref, g_ref = _step(ref, batch)
+        _, loss_ours, g_ours = _step(ours, batch)
+        torch.testing.assert_close(loss_ours, loss_ref, rtol=tol, atol=tol)
+        for name, g in g_ref.items():
+            scale = g.abs().max().clamp_min(1e-6)
+            assert (g_ours[name] - g).abs().max() / scale < 5 * tol, name
+
+
+def test_rank_pattern_and_bf16_bitwise_against_saving():
+    base = llama().to(torch.bfloat16)
+    on, off = _pair(base, rank_pattern={"q_proj": 2, "k_proj": 6, "gate_proj": 3})
+    batch = text_batch()
+    _, _, g_on = _step(on, batch)
+    _, _, g_off = _step(off, batch)
+    for name in g_on:
+        assert torch.equal(g_on[name], g_off[name]), name
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_saves_what_the_frozen_model_saves(dropout):
+    base = llama()
+    batch = text_batch()
+    on, off = _pair(base, dropout=dropout)
+    s_on, _, _ = _step(on, batch)
+    s_off, _, _ = _step(off, batch)
+    frozen = _frozen_saved(base, batch)
+    assert s_on <= 1.02 * frozen
+    # what is no longer kept: per block, the two norm outputs (N, d) and act(gate) * up (N, m),
+    # but for the first norm, whose input (the frozen embedding's output) needs no grad, so
+    # that autograd keeps nothing to form it from
+    n, cfg = batch["input_ids"].numel(), base.config
+    per_block = (2 * cfg.hidden_size + cfg.intermediate_size) * n * 4
+    first_norm = cfg.hidden_size * n * 4
+    assert s_off - s_on == per_block * cfg.num_hidden_layers - first_norm
+
+
+def test_describe_and_report_say_what_is_recomputed():
+    model = runlora.from_peft(_peft_model(llama()))
+    _step(model, text_batch())
+    rows = {r.name.split(".")[-1]: r.detail for r in runlora.describe(model, file=None)}
+    for proj in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"):
+        assert "input recomputed" in rows[proj], (proj, rows[proj])
+    assert "input saved" in rows["o_proj"]  # attention's output: no producer knows it
+    report = runlora.recompute_inputs(model)
+    kinds = sorted(set(report.switched.values()))
+    assert kinds == ["gated_mlp", "rms_norm"] and "rms_norm" in str(report)
+
+
+def test_off_gives_the_modules_their_forward_back():
+    model = runlora.from_peft(_peft_model(llama()))
+    assert recompute.recomputed_modules(model)
+    recompute.disable(model)
+    assert not recompute.recomputed_modules(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_gradient_checkpointing_marks_nothing():
+    base = llama()
+    on, off = _pair(base)
+    for m in (on, off):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.enable_input_require_grads()
+    batch = text_batch()
+    _, loss_on, g_on = _step(on, batch)
+    _, loss_off, g_off = _step(off, batch)
+    assert torch.equal(loss_on, loss_off)
+    for name in g_on:
+        assert torch.equal(g_on[name], g_off[name]), name
+    rows = runlora.describe(on, file=None)
+    assert all("input saved" in r.detail for r in rows)
+
+
+def test_user_checkpoint_of_a_marking_block_stays_exact():
+    # torch.utils.checkpoint on a block transformers does not flag: the recompute marks too
+    base = llama()
+    on, off = _pair(base)
+    batch = text_batch()
+    for m in (on, off):
+        for layer in m.base_model.model.model.layers:
+            forward = layer.forward
+
+            def checkpointed(*a, _f=forward, **k):
+                return torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False, **k)
+
+            layer.forward = checkpointed
+    _, loss_on, g_on = _step(on, batch)
+    _, loss_off, g_off = _step(off, batch)
+    assert torch.equal(loss_on, loss_off)
+    for name in g_on:
+        assert torch.equal(g_on[name], g_off[name]), name
+
+
+def test_unknown_norm_semantics_keep_their_forward():
+    class GemmaLikeRMSNorm(nn.Module):  # (1 + weight), as Gemma's
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(d))
+            self.eps = 1e-6
+
+        def forward(self, x):
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (h * (1.0 + self.weight.float())).type_as(x)
+
+    class FusedMLP(nn.Module):  # has the names, computes something else
+        def __init__(self, d):
+            super().__init__()
+            self.gate_proj, self.up_proj = nn.Linear(d, d), nn.Linear(d, d)
+            self.down_proj, self.act_fn = nn.Linear(d, d), nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+    model = nn.Sequential(GemmaLikeRMSNorm(8), FusedMLP(8))
+    report = runlora.recompute_inputs(model)
+    assert report.switched == {}
+    assert set(report.skipped) == {"0", "1"}
+    assert "does not compute" in report.skipped["0"]
+    x = torch.randn(3, 8)
+    assert torch.equal(model(x), model[1](model[0](x)))
+
+
+def test_other_architectures_fall_back_cleanly():
+    for base in (gpt2(), minilm()):
+        targets = ["c_attn"] if hasattr(base, "transformer") else ["query", "value"]
+        config = peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+        model = runlora.from_peft(peft.get_peft_model(copy.deepcopy(base), config))
+        ref = runlora.from_peft(
+            peft.get_peft_model(copy.deepcopy(base), config), recompute_inputs=False
+        )
+        ref.load_state_dict(model.state_dict())
+        batch = text_batch(vocab=100)
+        batch.pop("labels") if not hasattr(base, "lm_head") else None
+        _, loss, grads = _step(model, batch)
+        _, loss_ref, grads_ref = _step(ref, batch)
+        torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)
+        for name in grads:
+            torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-6, atol=1e-7)
+
+
+def test_copies_and_pickles_keep_working():
+    model = runlora.from_peft(_peft_model(llama()))
+    batch = text_batch()
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert pickle.loads(pickle.dumps(model)) is not None
+    _, loss, grads = _step(model, batch)
+    for other in (twin, loaded):
+        assert recompute.recomputed_modules(other) == recompute.recomputed_modules(model)
+        for m in other.modules():  # the copies' forwards drive the copies, not the original
+            fwd = m.__dict__.get("forward")
+            assert fwd is None or fwd.module is m
+        _, loss2, grads2 = _step(other, batch)
+        assert torch.equal(loss, loss2)
+        for name in grads:
+            assert torch.equal(grads[name], grads2[name])
+
+
+def test_patch_peft_recomputes_too():
+    with runlora.patch_peft():
+        model = _peft_model(llama())
+    assert recompute.recomputed_modules(model)
+
+
+def test_a_mark_is_dropped_when_its_tensor_changes():
+    h = torch.randn(4, 3, requires_grad=True)
+    with torch.no_grad():
+        pass
+    y = h * 2.0
+    mark_remake(y, torch.mul, (h,), (2.0,))
+    assert remake_of(y) is not None
+    y.add_(1.0)  # in place after marking: the remake no longer describes y
+    assert remake_of(y) is None
+    z = (h * 2.0).detach()
+    mark_remake(z, torch.mul, (h,), (2.0,))
+    assert remake_of(z) is None  # no grad: autograd keeps nothing for the producer
+
+
+def test_op_with_remake_matches_plain_autograd():
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 6, requires_grad=True)
+    w, a, b = torch.randn(7, 6), torch.randn(3, 6, requires_grad=True), torch.randn(7, 3)
+    b.requires_grad_(True)
+    for marked in (True, False):
+        x = torch.sigmoid(h)
+        if marked:
+            mark_remake(x, torch.sigmoid, (h,))
+        y = runlora.lora_linear(x, w, a, b, scaling=0.5)
+        y.pow(2).sum().backward()
+        grads = [t.grad.clone() for t in (h, a, b)]
+        for t in (h, a, b):
+            t.grad = None
+        if marked:
+            first = grads
+    x = torch.sigmoid(h)
+    ref = x @ w.t() + 0.5 * (x @ a.t()) @ b.t()
+    ref.pow(2).sum().backward()
+    for g, t in zip(first, (h, a, b), strict=True):
+        torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(g1, g2) for g1, g2 in zip(first, grads, strict=True))
