@@ -304,10 +304,9 @@ def _norm_saves(model, batch) -> list[int]:
     """How many times backward keeps each RMSNorm output's storage, in call order."""
     norms = [m for n, m in model.named_modules() if n.endswith("layernorm")]
     outputs: list = []
-    handles = [
-        m.register_forward_hook(lambda m, i, o: outputs.append(o.untyped_storage().data_ptr()))
-        for m in norms
-    ]
+    # the outputs themselves, kept alive: a freed output's storage could be reused by a tensor
+    # saved later, and counted as the output's
+    handles = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in norms]
     saved: list = []
 
     def pack(t):
@@ -320,17 +319,22 @@ def _norm_saves(model, batch) -> list[int]:
     finally:
         for h in handles:
             h.remove()
-    counts = [saved.count(ptr) for ptr in outputs]
+    counts = [saved.count(o.untyped_storage().data_ptr()) for o in outputs]
     loss.backward()
     return counts
 
 
 def test_backward_keeps_each_norm_output_once_per_group():
     _, fused, alone = build(llama(), config())
+    for model in (fused, alone):  # inputs saved, not recomputed (runlora.layers.recompute)
+        runlora.recompute_inputs(model, False)
     batch = text_batch()
     step(fused, batch)
     assert _norm_saves(alone, batch) == [3, 2] * BLOCKS  # q, k, v; gate, up
     assert _norm_saves(fused, batch) == [1, 1] * BLOCKS
+    for model in (fused, alone):  # recomputed: none but the first (its input needs no grad)
+        runlora.recompute_inputs(model)
+        assert _norm_saves(model, batch) == [3 if model is alone else 1] + [0] * (2 * BLOCKS - 1)
 
 
 def test_dora_layers_run_their_own_op_and_describe_says_why(monkeypatch):

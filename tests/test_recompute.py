@@ -9,8 +9,8 @@ import pickle
 
 import pytest
 import torch
-from torch import nn
 from tiny_models import gpt2, llama, loss_of, minilm, text_batch
+from torch import nn
 
 import runlora
 from runlora.bench.memory import saved_tensor_bytes, storage_ptrs

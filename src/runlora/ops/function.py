@@ -2,8 +2,9 @@
 
 What it keeps for backward: the input x (once, as given) or, where x is marked with a
 ``runlora.ops.remake.Remake``, the tensors x is formed again from (kept by autograd anyway), the
-parameters, and with dropout one int seed. Never X Aᵀ (unless asked), never an ``(N, out)`` tensor, never a mask or a dropped copy
-of x: the dropout mask is regenerated in backward from the seed.
+parameters, and with dropout one int seed. Never X Aᵀ (unless asked), never an ``(N, out)``
+tensor, never a mask or a dropped copy of x: the dropout mask is regenerated in backward
+from the seed.
 """
 
 from __future__ import annotations
