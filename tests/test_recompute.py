@@ -288,3 +288,12 @@ def test_op_with_remake_matches_plain_autograd():
     for g, t in zip(first, (h, a, b), strict=True):
         torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(g1, g2) for g1, g2 in zip(first, grads, strict=True))
+
+
+def test_a_norm_that_cannot_be_probed_keeps_its_forward():
+    with torch.device("meta"):
+        model = llama()
+    report = runlora.recompute_inputs(model)
+    assert report.switched == {k: v for k, v in report.switched.items() if v == "gated_mlp"}
+    norms = [n for n in report.skipped if n.endswith("norm")]
+    assert norms and all("meta" in report.skipped[n] for n in norms)

@@ -156,7 +156,14 @@ def _candidate(module: nn.Module) -> tuple[str, str] | None:
 
 def _probe(module: nn.Module, kind: str, eps_attr: str) -> str | None:
     """None if runlora's forward of ``kind`` gives ``module``'s own class forward's output
-    bitwise on a random input, else why not."""
+    bitwise on a random input, else why not (a probe that cannot run: not switched)."""
+    try:
+        return _run_probe(module, kind, eps_attr)
+    except Exception as e:  # noqa: BLE001 - sharded or unusual parameters: leave it alone
+        return f"could not be probed ({type(e).__name__}: {e})"
+
+
+def _run_probe(module: nn.Module, kind: str, eps_attr: str) -> str | None:
     gen = torch.Generator().manual_seed(0)
     if kind == "layer_norm":
         return None  # nn.LayerNorm.forward itself, by _candidate's test
