@@ -297,3 +297,18 @@ def test_a_norm_that_cannot_be_probed_keeps_its_forward():
     assert report.switched == {k: v for k, v in report.switched.items() if v == "gated_mlp"}
     norms = [n for n in report.skipped if n.endswith("norm")]
     assert norms and all("meta" in report.skipped[n] for n in norms)
+
+
+def test_bad_arguments_and_a_broken_remake_say_what_is_wrong():
+    model = _peft_model(llama())
+    before = {n: type(m.__dict__.get("forward")) for n, m in model.named_modules()}
+    with pytest.raises(TypeError, match="recompute_inputs must be True or False"):
+        runlora.from_peft(model, recompute_inputs="yes")
+    assert {n: type(m.__dict__.get("forward")) for n, m in model.named_modules()} == before
+    h = torch.randn(4, 6, requires_grad=True)
+    x = h * 1.0
+    mark_remake(x, lambda t: t[:2], (h,))  # a producer that breaks its promise
+    w, a, b = torch.randn(3, 6), torch.randn(2, 6, requires_grad=True), torch.randn(3, 2)
+    y = runlora.lora_linear(x, w, a, b)
+    with pytest.raises(RuntimeError, match="recomputed LoRA input has shape"):
+        y.sum().backward()

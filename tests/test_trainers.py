@@ -206,6 +206,22 @@ def test_sft_trainer_trains_like_peft_saves_adapters_and_resumes(
         torch.testing.assert_close(again[name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_sft_trainer_without_checkpointing_recomputes_lora_inputs(
+    tokenizer, peft_sft_losses, op_calls, tmp_path
+):
+    """TRL checkpoints by default (then nothing is recomputed); without it, the LoRA layers
+    after a norm or the MLP's product train on inputs formed again in backward, with PEFT's
+    losses."""
+    trainer = sft_trainer(
+        "patch_peft", tmp_path / "run", tokenizer, gradient_checkpointing=False, save_strategy="no"
+    )
+    trainer.train()
+    assert_all_ran_runlora(trainer.model, op_calls, at_least=STEPS)
+    torch.testing.assert_close(logged_losses(trainer), peft_sft_losses, **LOSS_TOL)
+    details = [r.detail for r in runlora.describe(trainer.model, file=None)]
+    assert any("input recomputed" in d for d in details), details
+
+
 def test_sft_trainer_with_dora_runs_runlora_dora_like_peft(tokenizer, op_calls, tmp_path):
     """``peft_config=LoraConfig(use_dora=True)`` under ``patch_peft``: every DoRA layer runs
     runlora's DoRA op, the losses are PEFT DoRA's, checkpoints hold the magnitude vectors."""

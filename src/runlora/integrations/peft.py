@@ -409,6 +409,8 @@ def from_peft(
         raise TypeError(f"dora_save_output must be True, False or None, got {dora_save_output!r}")
     if fuse is not None and not isinstance(fuse, bool):
         raise TypeError(f"fuse must be True, False or None, got {fuse!r}")
+    if not isinstance(recompute_inputs, bool):
+        raise TypeError(f"recompute_inputs must be True or False, got {recompute_inputs!r}")
     from peft.tuners.lora import LoraModel
 
     layers = list(_lora_layers(peft_model))
@@ -428,8 +430,6 @@ def from_peft(
             tuner.__dict__["_create_new_module"] = functools.partial(
                 _create_accelerated, criterion, dora_save_output, fuse
             )
-    if not isinstance(recompute_inputs, bool):
-        raise TypeError(f"recompute_inputs must be True or False, got {recompute_inputs!r}")
     recompute.enable(peft_model, recompute_inputs)
     _warn_if_none_accelerated(peft_model)
     return peft_model
