@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from tiny_models import gpt2, llama, loss_of, minilm, text_batch
+from tiny_models import gpt2, llama, loss_of, minilm, phi3, text_batch
 from torch import nn
 
 import runlora
@@ -312,3 +312,135 @@ def test_bad_arguments_and_a_broken_remake_say_what_is_wrong():
     y = runlora.lora_linear(x, w, a, b)
     with pytest.raises(RuntimeError, match="recomputed LoRA input has shape"):
         y.sum().backward()
+
+
+def _counting(monkeypatch):
+    """Count the calls of the norm's and the MLP's remakes: {"norm": n, "mlp": n}."""
+    calls = {"norm": 0, "mlp": 0}
+    rms = recompute._rms_remake
+
+    def rms_counted(*args):
+        calls["norm"] += 1
+        return rms(*args)
+
+    def mul_counted(a, u):
+        calls["mlp"] += 1
+        return a * u
+
+    monkeypatch.setattr(recompute, "_rms_remake", rms_counted)
+    monkeypatch.setattr(recompute, "_mlp_remake", mul_counted)
+    return calls
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_each_input_is_formed_once_per_backward_not_once_per_layer(monkeypatch, fuse):
+    base = llama()
+    model = runlora.from_peft(_peft_model(base), fuse=fuse)
+    off = runlora.from_peft(_peft_model(base), recompute_inputs=False)
+    batch = text_batch()
+    n_layers = base.config.num_hidden_layers
+    if fuse:
+        loss_of(model, batch).backward()  # the first step finds the groups
+        model.zero_grad(set_to_none=True)
+    calls = _counting(monkeypatch)
+    model.train()
+    torch.manual_seed(1)
+    loss = loss_of(model, batch)
+    forward_calls = dict(calls)
+    # every norm but the first block's (its input, the embeddings, needs no grad) is marked
+    assert forward_calls == {"norm": 2 * n_layers + 1, "mlp": n_layers}
+    loss.backward()
+    backward = {k: calls[k] - forward_calls[k] for k in calls}
+    # q/k/v take one formed norm output, gate/up another; down_proj's input once per block
+    assert backward == {"norm": 2 * n_layers - 1, "mlp": n_layers}
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    _, loss_off, grads_off = _step(off, batch)
+    assert torch.equal(loss, loss_off)
+    for name, g in grads_off.items():
+        if fuse:  # stacked products may sum in another order
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
+        else:  # the same products on the same tensors: bitwise
+            assert torch.equal(grads[name], g), name
+
+
+def test_a_retained_graph_backpropagates_twice_exactly():
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 6, requires_grad=True)
+    ws = [torch.randn(7, 6) for _ in range(3)]
+    ab = [
+        (torch.randn(2, 6, requires_grad=True), torch.randn(7, 2, requires_grad=True)) for _ in ws
+    ]
+    x = torch.tanh(h)
+    mark_remake(x, torch.tanh, (h,))
+    y = sum(runlora.lora_linear(x, w, a, b, scaling=0.5) for w, (a, b) in zip(ws, ab, strict=True))
+    remake = remake_of(x)
+    assert remake.claims == 3
+    y.pow(2).sum().backward(retain_graph=True)
+    first = [t.grad.clone() for t in (h, *[p for pair in ab for p in pair])]
+    assert remake.claims == 0 and remake._formed is None  # let go after the last claimant
+    for t in (h, *[p for pair in ab for p in pair]):
+        t.grad = None
+    y.pow(2).sum().backward()  # more takes than claims: formed anew each time, still exact
+    second = [t.grad for t in (h, *[p for pair in ab for p in pair])]
+    assert all(torch.equal(g1, g2) for g1, g2 in zip(first, second, strict=True))
+    h_ref = h.detach().requires_grad_()
+    x_ref = torch.tanh(h_ref)
+    pairs = zip(ws, ab, strict=True)
+    ref = sum(
+        x_ref @ w.t() + 0.5 * (x_ref @ a.detach().t()) @ b.detach().t() for w, (a, b) in pairs
+    )
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(first[0], h_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_phi3_fused_gate_up_mlp_recomputes_down_projs_input():
+    base = phi3()
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    batch = text_batch()
+
+    def make(recompute):
+        config = peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+        torch.manual_seed(3)
+        model = peft.get_peft_model(copy.deepcopy(base), config)
+        return runlora.from_peft(model, recompute_inputs=recompute)
+
+    on, off = make(True), make(False)
+    kinds = set(runlora.layers.recompute.recomputed_modules(on).values())
+    assert kinds == {"rms_norm", "gate_up_mlp"}
+    s_on, loss_on, g_on = _step(on, batch)
+    s_off, loss_off, g_off = _step(off, batch)
+    assert torch.equal(loss_on, loss_off)
+    assert g_on.keys() == g_off.keys() and all(torch.equal(g_on[n], g_off[n]) for n in g_on)
+    # down_proj's input (N, m) is no longer kept, nor the norm outputs (N, d) but the first
+    n, cfg = batch["input_ids"].numel(), base.config
+    per_block = (2 * cfg.hidden_size + cfg.intermediate_size) * n * 4
+    assert s_off - s_on == per_block * cfg.num_hidden_layers - cfg.hidden_size * n * 4
+    # against the frozen model: what is left is o_proj's input, a fresh copy of SDPA's output in
+    # Phi-3 (N, d) per block; the frozen model keeps the first norm's rstd (N, 1), runlora not
+    o_proj_inputs = cfg.num_hidden_layers * n * cfg.hidden_size * 4
+    assert s_on == _frozen_saved(base, batch) + o_proj_inputs - n * 4
+    rows = {r.name.split(".")[-1]: r.detail for r in runlora.describe(on, file=None)}
+    assert "input recomputed" in rows["down_proj"] and "input recomputed" in rows["gate_up_proj"]
+    # and against PEFT itself
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=targets))
+    ref.load_state_dict(on.state_dict())
+    _, loss_ref, g_ref = _step(ref, batch)
+    torch.testing.assert_close(loss_on, loss_ref, rtol=1e-5, atol=1e-6)
+    for name, g in g_ref.items():
+        torch.testing.assert_close(g_on[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_mlp_with_another_order_keeps_its_forward():
+    class Swapped(nn.Module):  # gate and up halves the other way round
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj, self.down_proj = nn.Linear(8, 16), nn.Linear(8, 8)
+            self.activation_fn = nn.SiLU()
+
+        def forward(self, x):
+            up, gate = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(up * self.activation_fn(gate))
+
+    model = nn.Sequential(Swapped())
+    report = runlora.recompute_inputs(model)
+    assert report.switched == {} and "does not compute" in report.skipped["0"]

@@ -30,6 +30,21 @@ def llama(**overrides):
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def phi3(**overrides):
+    """Phi-3: fused qkv_proj and gate_up_proj."""
+    config = transformers.Phi3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        **overrides,
+    )
+    return transformers.Phi3ForCausalLM(config).eval()
+
+
 def gpt2():
     config = transformers.GPT2Config(
         n_embd=64,

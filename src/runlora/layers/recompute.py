@@ -11,12 +11,16 @@ exactly what their own forward does and marks the output:
 - ``gated_mlp``: a module with ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn`` computing
   ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: down_proj's input ``act(g) ⊙ u`` is formed
   again from ``act(g)`` and ``u``, which the product's backward keeps.
+- ``gate_up_mlp``: the same MLP with the two projections fused into one ``gate_up_proj``
+  (Phi-3 and its likes: ``g, u = gate_up_proj(x).chunk(2, -1)``, ``activation_fn`` or
+  ``act_fn``): down_proj's input formed again from ``act(g)`` and the ``u`` half, both kept by
+  the product's backward anyway.
 
 Modules are found by structure, and each candidate is probed before it is switched: its own
 class's forward and runlora's are run on a random input (a copy of a norm with a random weight;
 an MLP's forward with stand-in projections), and must agree bitwise, else the module keeps its
-forward (``Report.skipped`` says why). Gemma's ``(1 + weight)`` norm, Phi-3's fused
-``gate_up_proj`` and MLPs with dropout are left as they are.
+forward (``Report.skipped`` says why). Gemma's ``(1 + weight)`` norm and MLPs with dropout or
+another order of operations are left as they are.
 
 Under gradient checkpointing (a ``gradient_checkpointing`` flag on an enclosing module, as
 transformers sets it) nothing is marked: the checkpoint recomputes the block anyway, and
@@ -69,17 +73,34 @@ def _layer_norm_forward(module: nn.LayerNorm, eps_attr: str, x: Tensor) -> Tenso
     return y
 
 
+def _mlp_remake(a: Tensor, u: Tensor) -> Tensor:
+    return a * u
+
+
 def _gated_mlp_forward(module: nn.Module, eps_attr: str, x: Tensor) -> Tensor:
     a = module.act_fn(module.gate_proj(x))
     u = module.up_proj(x)
-    h = a * u
+    h = _mlp_remake(a, u)
     if a.requires_grad and u.requires_grad and _marking(module):
-        mark_remake(h, torch.mul, (a, u))
+        mark_remake(h, _mlp_remake, (a, u))
     return module.down_proj(h)
 
 
-_FORWARDS = {"rms_norm": _rms_forward, "layer_norm": _layer_norm_forward}
-_FORWARDS["gated_mlp"] = _gated_mlp_forward
+def _gate_up_mlp_forward(module: nn.Module, act_attr: str, x: Tensor) -> Tensor:
+    gate, u = module.gate_up_proj(x).chunk(2, dim=-1)
+    a = getattr(module, act_attr)(gate)
+    h = _mlp_remake(a, u)
+    if a.requires_grad and u.requires_grad and _marking(module):
+        mark_remake(h, _mlp_remake, (a, u))
+    return module.down_proj(h)
+
+
+_FORWARDS = {
+    "rms_norm": _rms_forward,
+    "layer_norm": _layer_norm_forward,
+    "gated_mlp": _gated_mlp_forward,
+    "gate_up_mlp": _gate_up_mlp_forward,
+}
 
 
 def _marking(module: nn.Module) -> bool:
@@ -95,13 +116,18 @@ def _marking(module: nn.Module) -> bool:
 
 class _Forward:
     """A switched module's ``forward``: runlora's marking forward of ``kind`` (picklable, and
-    deep-copied with its module)."""
+    deep-copied with its module); ``attr`` names the norm's epsilon or the MLP's activation."""
 
-    def __init__(self, module: nn.Module, kind: str, eps_attr: str = "") -> None:
-        self.module, self.kind, self.eps_attr = module, kind, eps_attr
+    def __init__(self, module: nn.Module, kind: str, attr: str = "") -> None:
+        self.module, self.kind, self.attr = module, kind, attr
 
     def __call__(self, *args, **kwargs) -> Tensor:
-        return _FORWARDS[self.kind](self.module, self.eps_attr, *args, **kwargs)
+        return _FORWARDS[self.kind](self.module, self.attr, *args, **kwargs)
+
+    def __setstate__(self, state: dict) -> None:
+        if "eps_attr" in state:  # pickled by runlora 0.3
+            state["attr"] = state.pop("eps_attr")
+        self.__dict__.update(state)
 
 
 @dataclass
@@ -133,7 +159,8 @@ def _eps_attr(module: nn.Module) -> str | None:
 
 
 def _candidate(module: nn.Module) -> tuple[str, str] | None:
-    """(kind, eps attribute) if ``module`` looks like one of the kinds, else None."""
+    """(kind, attribute: the norm's epsilon, the MLP's activation) if ``module`` looks like one
+    of the kinds, else None."""
     if type(module).forward is nn.LayerNorm.forward:
         return "layer_norm", ""
     weight = getattr(module, "weight", None)
@@ -151,19 +178,23 @@ def _candidate(module: nn.Module) -> tuple[str, str] | None:
             getattr(module, "act_fn", None)
         ):
             return "gated_mlp", ""
+    if all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_up_proj", "down_proj")):
+        acts = [n for n in ("activation_fn", "act_fn") if callable(getattr(module, n, None))]
+        if acts:
+            return "gate_up_mlp", acts[0]
     return None
 
 
-def _probe(module: nn.Module, kind: str, eps_attr: str) -> str | None:
+def _probe(module: nn.Module, kind: str, attr: str) -> str | None:
     """None if runlora's forward of ``kind`` gives ``module``'s own class forward's output
     bitwise on a random input, else why not (a probe that cannot run: not switched)."""
     try:
-        return _run_probe(module, kind, eps_attr)
+        return _run_probe(module, kind, attr)
     except Exception as e:  # noqa: BLE001 - sharded or unusual parameters: leave it alone
         return f"could not be probed ({type(e).__name__}: {e})"
 
 
-def _run_probe(module: nn.Module, kind: str, eps_attr: str) -> str | None:
+def _run_probe(module: nn.Module, kind: str, attr: str) -> str | None:
     gen = torch.Generator().manual_seed(0)
     if kind == "layer_norm":
         return None  # nn.LayerNorm.forward itself, by _candidate's test
@@ -180,13 +211,16 @@ def _run_probe(module: nn.Module, kind: str, eps_attr: str) -> str | None:
                 want = type(module).forward(probe, x)
             except Exception as e:  # noqa: BLE001 - any failure means: leave it alone
                 return f"its forward failed on a probe: {type(e).__name__}"
-            got = _rms_forward(probe, eps_attr, x)
-    else:
+            got = _rms_forward(probe, attr, x)
+    else:  # an MLP: its forward and runlora's on stand-in projections
         stand_in = types.SimpleNamespace(**{k: v for k, v in vars(module).items() if k[0] != "_"})
         stand_in.training = False
-        stand_in.act_fn = module.act_fn
+        for name in ("act_fn", "activation_fn"):
+            if hasattr(module, name):
+                setattr(stand_in, name, getattr(module, name))
         stand_in.gate_proj = lambda t: t * 1.75 - 0.25
         stand_in.up_proj = lambda t: t.flip(-1) + 0.5
+        stand_in.gate_up_proj = lambda t: torch.cat((t * 1.75 - 0.25, t.flip(-1) + 0.5), -1)
         stand_in.down_proj = lambda t: t * 0.875 + t.roll(1, -1)
         x = torch.randn(2, 3, 8, generator=gen)
         with torch.no_grad():
@@ -194,7 +228,7 @@ def _run_probe(module: nn.Module, kind: str, eps_attr: str) -> str | None:
                 want = type(module).forward(stand_in, x)
             except Exception as e:  # noqa: BLE001
                 return f"its forward does not run on stand-in projections: {type(e).__name__}"
-            got = _gated_mlp_forward(stand_in, "", x)
+            got = _FORWARDS[kind](stand_in, attr, x)
     if not isinstance(want, Tensor) or want.shape != got.shape or not torch.equal(want, got):
         return f"its forward does not compute what runlora's {kind} does"
     return None
@@ -221,12 +255,12 @@ def enable(model: nn.Module, enabled: bool = True) -> Report:
         found = _candidate(module)
         if found is None:
             continue
-        kind, eps_attr = found
-        why = _probe(module, kind, eps_attr)
+        kind, attr = found
+        why = _probe(module, kind, attr)
         if why is not None:
             report.skipped[name] = why
             continue
-        module.__dict__["forward"] = _Forward(module, kind, eps_attr)
+        module.__dict__["forward"] = _Forward(module, kind, attr)
         _OWNERS[module] = tuple(weakref.ref(m) for n, m in owners if m is not module)
         report.switched[name] = kind
     return report

@@ -252,6 +252,8 @@ class _DoRAFunction(torch.autograd.Function):
             x, weight, lora_a, lora_b, magnitude, bias, scaling, dropout, plan, keep_u, quant
         )
         kept = (x,) if remake is None else remake.tensors  # x formed again in backward
+        if remake is not None:
+            remake.claim()
         ctx.save_for_backward(
             weight, lora_a, lora_b, magnitude, n, u, la if keep_xa else None, *kept
         )

@@ -190,6 +190,7 @@ class _LoRAFunction(torch.autograd.Function):
             ctx.save_for_backward(weight, lora_a, lora_b, la if keep_la else None, x)
         else:  # x is formed again in backward from tensors autograd keeps anyway
             ctx.save_for_backward(weight, lora_a, lora_b, la if keep_la else None, *remake.tensors)
+            remake.claim()
         ctx.x_shape = x.shape
         ctx.scaling, ctx.dropout, ctx.seed = scaling, dropout, seed
         ctx.bwd, ctx.layout, ctx.quant = plan.backward_variant, plan.layout, quant
@@ -235,8 +236,9 @@ class _LoRAFunction(torch.autograd.Function):
 
 
 def _remade(remake: Remake, kept: list[Tensor], shape: torch.Size) -> Tensor:
-    """The op's input x ``shape``, formed again from the remake's saved tensors ``kept``."""
-    x = remake(*kept)
+    """The op's input x ``shape``, formed again from the remake's saved tensors ``kept`` (or
+    taken from another op's backward that formed it from the same tensors)."""
+    x = remake.take(*kept)
     if x.shape != shape:  # the producer broke its promise: fail loudly rather than be wrong
         raise RuntimeError(
             f"runlora: a recomputed LoRA input has shape {tuple(x.shape)}, the forward's had "

@@ -15,6 +15,11 @@ same operations on the same tensors.
 A mark is used only while it still describes x: x is unchanged since it was marked (its version
 counter), and x requires grad (else autograd keeps nothing for the producer and the remake's
 tensors would cost what x costs, or more). Under ``torch.compile`` the ops save x.
+
+Several ops often read one marked x (q_proj, k_proj and v_proj read one norm output; gate_proj
+and up_proj another). Each op that saves the remake's tensors claims it in forward, and in
+backward the first of them forms x and the others take that same tensor: x is formed once per
+backward, not once per op, and let go after the last claimant's backward.
 """
 
 from __future__ import annotations
@@ -37,16 +42,39 @@ class Remake:
     version counter when it was marked.
     """
 
-    __slots__ = ("fn", "tensors", "args", "version")
+    __slots__ = ("fn", "tensors", "args", "version", "claims", "_formed", "_formed_from")
 
     def __init__(
         self, fn: Callable[..., Tensor], tensors: tuple[Tensor, ...], args: tuple, version: int
     ) -> None:
         self.fn, self.tensors, self.args, self.version = fn, tensors, args, version
+        self.claims = 0  # ops whose backward will still ask for the tensor
+        self._formed: Tensor | None = None  # the tensor formed by the first of them
+        self._formed_from: tuple | None = None
 
     def __call__(self, *tensors: Tensor) -> Tensor:
         """The tensor again, from ``tensors`` (``self.tensors`` as backward unpacks them)."""
         return self.fn(*tensors, *self.args)
+
+    def claim(self) -> None:
+        """An op saved this remake's tensors and will ``take`` the tensor in its backward."""
+        self.claims += 1
+
+    def take(self, *tensors: Tensor) -> Tensor:
+        """The tensor again, for one claimant's backward: formed from ``tensors`` by the first
+        claimant and handed to the others while they still have a claim, then let go. A call
+        with other tensors (or more calls than claims, as a second backward of a retained graph
+        makes) forms it anew."""
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        formed = self._formed if key == self._formed_from else None
+        if formed is None:
+            formed = self(*tensors)
+        self.claims -= 1
+        if self.claims > 0:
+            self._formed, self._formed_from = formed, key
+        else:
+            self._formed = self._formed_from = None
+        return formed
 
     def __repr__(self) -> str:
         name = getattr(self.fn, "__qualname__", repr(self.fn))
