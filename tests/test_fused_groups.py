@@ -16,6 +16,7 @@ from torch import nn
 import runlora
 import runlora.layers.groups as groups
 import runlora.layers.layer
+from runlora.planning.fusion import Fusion
 
 peft = pytest.importorskip("peft")
 
@@ -178,6 +179,12 @@ def siblings(shared: bool = True):
     return reference, ours
 
 
+def always_fuse(monkeypatch) -> None:
+    """Fuse whatever the planner would say: the siblings' tiny shapes (N = 2 or 3) move more
+    bytes stacked than apart, and these tests are about the stash and readiness."""
+    monkeypatch.setattr(groups, "plan_fusion", lambda *a: Fusion(True, "forced by the test"))
+
+
 def sibling_step(model, x):
     model.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
@@ -213,6 +220,7 @@ def test_siblings_with_bias_fuse_and_unshared_inputs_fall_back(shared, monkeypat
 def test_the_stash_is_taken_once_by_the_next_sibling_or_dropped(monkeypatch):
     """Direct layer calls: an output is stashed only for the very next call of the next member
     with the same, unchanged input and unchanged adapter; anything else runs the layer's op."""
+    always_fuse(monkeypatch)
     reference, ours = siblings()
     net, ref = ours.base_model.model, reference.base_model.model
     h = torch.randn(3, 16)
@@ -246,6 +254,7 @@ def test_the_stash_is_taken_once_by_the_next_sibling_or_dropped(monkeypatch):
 def test_a_group_found_in_a_recorded_forward_waits_for_its_backward(monkeypatch):
     """The forward that finds a group ran each layer alone; a recompute of it in backward
     (non-reentrant checkpointing) must too: the group is used once the backward reached x."""
+    always_fuse(monkeypatch)
     _, ours = siblings()
     x = torch.randn(2, 16)
     calls = count_calls(monkeypatch)
@@ -398,3 +407,73 @@ def test_a_fused_model_loaded_in_a_fresh_process_still_fuses(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_fused_by_default_where_the_plan_says_it_pays_and_apart_where_not(monkeypatch):
+    """A layer switched without ``fuse=`` fuses; the planner runs a group apart where fusing
+    moves more bytes (two rows of x, three stacked A copies), and describe says so."""
+    base = llama()
+    model = runlora.from_peft(peft.get_peft_model(copy.deepcopy(base), config()))
+    batch = text_batch()
+    step(model, batch)
+    calls = count_calls(monkeypatch)
+    step(model, batch)
+    assert calls == {"fused": 2 * BLOCKS, "single": 2 * BLOCKS}
+    rows = {r.name.partition("layers.")[2]: r.detail for r in runlora.describe(model, file=None)}
+    assert rows["0.self_attn.k_proj"].endswith("fused with q_proj, v_proj")
+    group = groups.group_of(model.base_model.model.model.layers[0].self_attn.q_proj)
+    assert group.fusion.fused and "MiB moved fused" in group.fusion.reason
+
+    _, ours = siblings()
+    x = torch.randn(2, 16)
+    sibling_step(ours, x)  # finds the group
+    calls = count_calls(monkeypatch)
+    sibling_step(ours, x)
+    assert calls == {"fused": 0, "single": 4}
+    net = ours.base_model.model
+    group = groups.group_of(net.a)
+    assert not group.fusion.fused
+    rows = {r.name.rpartition(".")[2]: r.detail for r in runlora.describe(ours, file=None)}
+    assert "not fused with b, c: the plan runs them apart" in rows["a"]
+
+
+def _fused_problem(n=1024, d=64, outs=(64, 64, 64), r=4, grad=True):
+    from runlora.ops.fused_variants import FusedProblem
+    from runlora.ops.variants import Problem
+
+    parts = tuple(Problem(n, d, o, r, needs_input_grad=grad, needs_lora_grad=grad) for o in outs)
+    return FusedProblem(parts)
+
+
+@pytest.mark.parametrize("criterion", ["flops", "roofline", "time"])
+def test_every_criterion_decides_and_remembers(criterion, monkeypatch, tmp_path):
+    from runlora.planning import fusion, plan_layer
+    from runlora.planning.planner import clear_plan_memo
+
+    monkeypatch.setenv("RUNLORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fusion, "TIME_BUDGET_S", 0.05)
+    problem = _fused_problem()
+    plans = [plan_layer(1024, 64, 64, 4)] * 3
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    decision = fusion.plan_fusion(problem, plans, criterion, torch.float32, "cpu")
+    assert torch.equal(torch.get_rng_state(), state)  # measuring draws nothing from the caller's
+    assert isinstance(decision.fused, bool) and "fused" in decision.reason
+    assert fusion.plan_fusion(problem, plans, criterion, torch.float32, "cpu") is decision
+    clear_plan_memo()
+    assert fusion.plan_fusion(problem, plans, criterion, torch.float32, "cpu") is not decision
+
+
+def test_the_flops_criterion_counts_what_stacking_saves():
+    from runlora.ops.fused_variants import fused_cost, unfused_cost
+    from runlora.planning import fusion, plan_layer
+
+    plans = [plan_layer(1024, 64, 64, 4)] * 3
+    problem = _fused_problem()
+    fused, apart = fused_cost(problem, plans), unfused_cost(problem, plans)
+    assert fused.flops == apart.flops and fused.bytes() < apart.bytes()
+    assert fusion.plan_fusion(problem, plans, "flops", torch.float32, "cpu").fused
+    tiny = _fused_problem(n=2, d=64, r=4, grad=False)  # a forward of two rows: nothing to save
+    tiny_plans = [plan_layer(2, 64, 64, 4, needs_input_grad=False)] * 3
+    assert tiny_plans[0].forward == "sequential"  # X Aᵀ is formed, so it could be stacked
+    assert not fusion.plan_fusion(tiny, tiny_plans, "flops", torch.float32, "cpu").fused

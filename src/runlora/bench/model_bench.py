@@ -269,8 +269,9 @@ def build_arms(
     model: nn.Module, batch: dict, settings: BenchSettings, targets: list[str]
 ) -> list[Arm]:
     """The floor, PEFT and one runlora arm per criterion, sharing ``model``'s weights; with
-    ``settings.fused`` a runlora arm that saves the LoRA inputs instead of recomputing them
-    (``runlora_saved/...``) and one with shared-input fusion too (``runlora_fused/...``);
+    ``settings.fused`` the split of the default's gain: runlora without shared-input fusion
+    (``runlora_unfused/...``: inputs recomputed, each layer its own op) and without either
+    (``runlora_saved/...``: inputs saved too);
     with ``settings.dora`` also PEFT's DoRA (``peft_dora``) and runlora's, saving the unscaled
     output for dm (``runlora_dora/<criterion>``) and recomputing it (``runlora_dora_lowmem/...``).
     """
@@ -316,7 +317,7 @@ def build_arms(
         arms.append(arm("peft_dora", "peft_dora", peft_dora))
     variants = [("runlora", False, True)]
     if settings.fused:  # the split of the gain: inputs saved, recomputed, recomputed and fused
-        variants += [("runlora_saved", False, True), ("runlora_fused", False, True)]
+        variants += [("runlora_unfused", False, True), ("runlora_saved", False, True)]
     if settings.dora:
         variants += [("runlora_dora", True, True), ("runlora_dora_lowmem", True, False)]
     for criterion in settings.criterions:
@@ -343,10 +344,10 @@ def build_arms(
                 )
             if use_dora:
                 from_peft(wrapped, criterion=criterion, dora_save_output=save_output)
-            if head == "runlora_fused":
-                from_peft(wrapped, criterion=criterion, fuse=True)
+            if head == "runlora_unfused":
+                from_peft(wrapped, criterion=criterion, fuse=False)
             if head == "runlora_saved":
-                from_peft(wrapped, criterion=criterion, recompute_inputs=False)
+                from_peft(wrapped, criterion=criterion, fuse=False, recompute_inputs=False)
             arms.append(arm(name, "runlora_dora" if use_dora else "runlora", wrapped))
     return arms
 

@@ -134,9 +134,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument(
         "--fused",
         action="store_true",
-        help="also runlora saving the LoRA inputs instead of recomputing them (runlora_saved: "
-        "from_peft(model, recompute_inputs=False)) and with the projections that share an input "
-        "fused into one op call (runlora_fused: from_peft(model, fuse=True))",
+        help="also runlora without shared-input fusion (runlora_unfused: from_peft(model, "
+        "fuse=False)) and without fusion or recomputed inputs (runlora_saved: also "
+        "recompute_inputs=False): what each adds to the default's gain",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="write no PREFIX.png")

@@ -329,6 +329,8 @@ def _accelerate(
         module.dora_save_output = dora_save_output
     if fuse is not None:
         module.fuse = fuse
+    elif "_runlora_fuse" not in module.__dict__:  # a layer switched for the first time
+        module.fuse = True
     return True
 
 
@@ -385,12 +387,12 @@ def from_peft(
             gradient (True, the default: no extra product in backward), or recompute ``x Wᵀ``
             in backward instead (False: saved bytes as LoRA's, one more ``N·in·out`` product).
             None leaves each layer's setting as it is.
-        fuse: True: layers that the model calls one after another with the very same input
-            (q_proj, k_proj, v_proj; gate_proj, up_proj) run as one ``fused_lora_linear`` call,
-            found at the first forward (``runlora.layers.groups``; ``describe`` shows the
-            groups). False (the default of a new layer): each layer runs its own op. None
-            leaves each layer's setting as it is. Off by default: on this project's CPU it
-            measured no faster (benchmarks/RESULTS.md).
+        fuse: True (what a layer switched for the first time gets): layers that the model
+            calls one after another with the very same input (q_proj, k_proj, v_proj;
+            gate_proj, up_proj) run as one ``fused_lora_linear`` call where the planner finds
+            that it pays (``runlora.planning.fusion``, by the layers' criterion), found at the
+            first forward (``runlora.layers.groups``; ``describe`` shows the groups). False:
+            each layer runs its own op. None leaves each layer's setting as it is.
         recompute_inputs: True (the default): the RMSNorm / LayerNorm outputs and the gated
             MLP's ``act(gate) * up`` that feed LoRA layers are formed again in backward from
             tensors autograd keeps anyway, instead of being saved (``runlora.layers.recompute``):

@@ -41,6 +41,10 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.fused import fused_lora_linear
+from ..ops.fused_variants import FusedProblem
+from ..ops.variants import Problem
+from ..planning.fusion import Fusion, plan_fusion
+from ..planning.request import bucket_tokens
 
 try:
     from torch.distributed.tensor import DTensor
@@ -56,11 +60,12 @@ ALONE = "alone"
 class SharedInputGroup:
     """Layers that the model calls one after another with the same input, in call order."""
 
-    __slots__ = ("members", "skipped", "_ready")
+    __slots__ = ("members", "skipped", "fusion", "_ready")
 
     def __init__(self, members: list[nn.Module], ready: _Ready) -> None:
         self.members = tuple(members)
         self.skipped: str | None = None  # why the last call of the first member ran alone
+        self.fusion: Fusion | None = None  # the planner's call for the last call's shapes
         self._ready = ready
 
     @property
@@ -234,6 +239,9 @@ def _run_group(group: SharedInputGroup, x: Tensor) -> Tensor | None:
     names = [m.plain_adapter() for m in members]
     args = [m.fused_args(x, n) for m, n in zip(members, names, strict=True)]
     weights, biases, lora_as, lora_bs, scalings, dropouts, plans = zip(*args, strict=True)
+    group.fusion = fusion = _plan(group, x, weights, biases, lora_as, lora_bs, dropouts, plans)
+    if not fusion.fused:
+        return None
     ys = fused_lora_linear(
         x,
         weights,
@@ -250,6 +258,30 @@ def _run_group(group: SharedInputGroup, x: Tensor) -> Tensor | None:
     versions = [_param_versions(m, n) for m, n in zip(members, names, strict=True)]
     _STATE.stash = _Stash(x, group, ys, names, versions)
     return ys[0]
+
+
+def _plan(group, x, weights, biases, lora_as, lora_bs, dropouts, plans) -> Fusion:
+    """The planner's call (``runlora.planning.fusion``) for this call's shapes, planned over the
+    same token bucket as the members' plans, by the first member's criterion."""
+    grad = torch.is_grad_enabled()
+    n = bucket_tokens(max(1, x.numel() // x.shape[-1]))
+    needs_x = grad and x.requires_grad
+    parts = tuple(
+        Problem(
+            n,
+            w.shape[1],
+            w.shape[0],
+            a.shape[0],
+            needs_input_grad=needs_x,
+            needs_lora_grad=grad and (a.requires_grad or b.requires_grad),
+            bias=bias is not None,
+            bias_grad=grad and bias is not None and bias.requires_grad,
+            dropout=p > 0.0,
+        )
+        for w, bias, a, b, p in zip(weights, biases, lora_as, lora_bs, dropouts, strict=True)
+    )
+    criterion = group.members[0].criterion
+    return plan_fusion(FusedProblem(parts), plans, criterion, x.dtype, x.device)
 
 
 def grouped_call(layer: nn.Module, x: Tensor, name: str) -> Tensor:
@@ -311,7 +343,10 @@ def group_summary(layer: nn.Module, names: dict[int, str]) -> str:
             return f"a {type(m).__name__} outside this model"
         return name[len(prefix) :] if prefix and name.startswith(prefix) else name
 
-    text = "fused with " + ", ".join(short(m) for m in group.members if m is not layer)
+    others = ", ".join(short(m) for m in group.members if m is not layer)
+    if group.fusion is not None and not group.fusion.fused:
+        return f"not fused with {others}: the plan runs them apart ({group.fusion.reason})"
+    text = "fused with " + others
     if not group.ready:
         text += " (from the call after the first backward)"
     if group.skipped:
