@@ -19,7 +19,11 @@ In order, each part in subprocesses with a time budget, printing its output as i
               one short timed run): PEFT's DoRA against runlora's, saving the unscaled output
               (runlora_dora) and recomputing it (runlora_dora_lowmem), each also against its
               LoRA arm: dora/llama_60m_r8.{csv,json,png}
-    fused     placeholder, skipped: not built yet
+    fused     the fused shared-input op alone against one op per projection on llama_130m's
+              q/k/v and gate/up shapes (benchmarks/fused_op.py, bf16, N = 8192, r = 8 and 128),
+              then ``runlora bench --fused`` on llama_60m in bf16 (batch 8, seq 1024, r = 8):
+              runlora (fused, inputs recomputed) against runlora_unfused and runlora_saved:
+              fused/fused_op.json, fused/llama_60m_r8.{csv,json,png}
 
 Everything goes to benchmarks/results/gpu/<device>/ (a previous run there is moved to
 <device>.previous/), with SUMMARY.md and summary.json rewritten after every part and a log per
@@ -43,6 +47,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -76,7 +81,7 @@ DROPOUTS = (0.0, 0.1)
 SEQ_LEN = 1024
 LORA_ALPHA = 16
 #: per-model subprocess budgets of the table (4 configs each), seconds.
-TABLE_STEP_S = {"llama_60m": 45.0, "llama_130m": 50.0, "llama_350m": 60.0, "llama_1.3b": 90.0}
+TABLE_STEP_S = {"llama_60m": 45.0, "llama_130m": 50.0, "llama_350m": 60.0, "llama_1.3b": 80.0}
 #: the two rows of --quick: the smallest model without dropout, a large one at r = 128 with it.
 QUICK_ROWS = (("llama_60m", 64, 8, 0.0), ("llama_350m", 48, 128, 0.1))
 #: bench settings per row: GPU steps vary little, so a few timed rounds are enough.
@@ -91,7 +96,12 @@ DORA_TIMING = ("--min-run-time", "2", "--warmup", "1", "--min-rounds", "3")
 REGRET_N = (1024, 16384)
 REGRET_DIMS = ((1024, 1024), (2048, 5461), (5461, 2048), (4096, 4096))
 REGRET_R = (8, 128)
-PLACEHOLDER_NOTE = "not built yet"
+#: the fused part: the op alone (benchmarks/fused_op.py), then one ``runlora bench --fused`` row
+#: (five arms: floor, peft, runlora, runlora_unfused, runlora_saved), timed as the DoRA row.
+FUSED_OP_ARGS = ("--n", "8192", "--d", "768", "--m", "2048", "--ranks", "8", "128",
+                 "--rounds", "5", "--reps", "3", "--dtype", "bf16")  # fmt: skip
+FUSED_ROW = ("llama_60m", 8, 8, 0.0)
+FUSED_TIMING = ("--min-run-time", "1.5", "--warmup", "1", "--min-rounds", "3")
 
 Clock = Callable[[], float]
 
@@ -115,7 +125,6 @@ class Part:
     title: str
     budget_s: float
     steps: list[Step] = field(default_factory=list)
-    placeholder: str | None = None  # a reason: the part is skipped
     stop_on_rc: int | None = None  # this exit code of a step ends the run (env: no CUDA)
 
 
@@ -174,7 +183,7 @@ def build_plan(results: Path, python: str, *, quick: bool = False) -> list[Part]
         tests_s,
     )  # fmt: skip
     rows = table_rows(quick)
-    dora = TableRow(*DORA_ROW)
+    dora, fused = TableRow(*DORA_ROW), TableRow(*FUSED_ROW)
     if quick:
         table_steps = [
             step(
@@ -223,12 +232,12 @@ def build_plan(results: Path, python: str, *, quick: bool = False) -> list[Part]
         Part(
             "regret",
             "Planner regret",
-            35.0,
+            30.0,
             [
                 step(
                     "regret",
                     [*worker, "regret", "--out", results / "regret.json"],
-                    35.0,
+                    30.0,
                     RUNLORA_TIME_BUDGET="0.3",
                 )
             ],
@@ -236,8 +245,8 @@ def build_plan(results: Path, python: str, *, quick: bool = False) -> list[Part]
         Part(
             "serve",
             "Multi-adapter serving",
-            35.0,
-            [step("serve", [*worker, "serve", "--out", results / "serve.json"], 35.0)],
+            30.0,
+            [step("serve", [*worker, "serve", "--out", results / "serve.json"], 30.0)],
         ),
         Part(
             "dora",
@@ -251,22 +260,30 @@ def build_plan(results: Path, python: str, *, quick: bool = False) -> list[Part]
                 )
             ],
         ),
-        Part("fused", "Fused projections", 0.0, placeholder=PLACEHOLDER_NOTE),
+        Part(
+            "fused",
+            "Fused projections, bf16",
+            20.0,
+            [
+                step(
+                    "fused",
+                    [*worker, "fused", "--out", results / "fused", "--rows", fused.spec()],
+                    20.0,
+                )
+            ],
+        ),
     ]
     return parts
 
 
 def plan_seconds(parts: list[Part]) -> float:
-    return sum(p.budget_s for p in parts if p.placeholder is None)
+    return sum(p.budget_s for p in parts)
 
 
 def format_plan(parts: list[Part], quick: bool) -> str:
     mode = "quick" if quick else "full"
     lines = [f"gpu-check plan ({mode}): parts in order, seconds"]
     for p in parts:
-        if p.placeholder:
-            lines.append(f"  {p.name:<9} skipped: {p.placeholder}")
-            continue
         lines.append(f"  {p.name:<9} {p.budget_s:>5.0f}  {p.title}")
         for s in p.steps:
             if len(p.steps) > 1:
@@ -408,14 +425,6 @@ def run_parts(
     echo = echo or (lambda line: print(line, flush=True))
     done: list[PartResult] = []
     for part in parts:
-        if part.placeholder:
-            done.append(
-                PartResult(part.name, part.title, "skipped", 0.0, 0.0, [], part.placeholder)
-            )
-            echo(f"== {part.name}: skipped ({part.placeholder})")
-            if on_part:
-                on_part(done)
-            continue
         echo(f"== {part.name}: {part.title} (budget {part.budget_s:.0f} s)")
         start = clock()
         steps: list[StepResult] = []
@@ -643,6 +652,60 @@ def _section_dora(results: Path) -> list[str]:
     return lines
 
 
+def _section_fused(results: Path) -> list[str]:
+    lines = []
+    op = _read_json(results / "fused" / "fused_op.json")
+    if op and op.get("rows"):
+        a = op.get("args", {})
+        lines += [
+            f"The op alone (`benchmarks/fused_op.py`): N = {a.get('n')}, in {a.get('d')}, "
+            f"{a.get('dtype')}; q/k/v = 3 x ({a.get('d')}, {a.get('d')}), gate/up = 2 x "
+            f"({a.get('m')}, {a.get('d')}); forward + backward, medians of per-round ratios.",
+            "",
+            "| group | r | frozen ms | separate × frozen | fused × frozen | fused × separate "
+            "| plan |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in op["rows"]:
+            lines.append(
+                f"| {r['group']} | {r['r']} | {_f(r.get('frozen_ms'), '.2f')} "
+                f"| {_f(r.get('separate_x_frozen'), '.3f')} | {_f(r.get('fused_x_frozen'), '.3f')} "
+                f"| {_f(r.get('fused_x_separate'), '.3f')} | {r.get('plan')} |"
+            )
+        lines.append("")
+    row = TableRow(*FUSED_ROW)
+    doc = _read_json(results / "fused" / f"{dora_stem(row)}.json")
+    if doc and doc.get("results"):
+        s = doc.get("settings", {})
+        res = doc["results"][0]
+        times = res.get("times_ms", {})
+        lines += [
+            f"The model (`runlora bench --fused`): {row.model}, {s.get('dtype', 'bf16')}, batch "
+            f"{s.get('batch_size', row.batch_size)} x {s.get('seq_len', SEQ_LEN)}, r "
+            f"{s.get('r', row.r)}; runlora fuses and recomputes its inputs, runlora_unfused only "
+            "recomputes, runlora_saved does neither; × runlora is the median of per-round ratios.",
+            "",
+            "| arm | ms/step ± std | × floor | × runlora | saved MiB |",
+            "|---|---|---|---|---|",
+        ]
+        ref = times.get("runlora/flops")
+        for arm in res.get("rows", []):
+            mine = times.get(arm.get("arm"))
+            x_ours = _median_ratio(mine, ref)
+            lines.append(
+                f"| {arm.get('arm')} | {_f(arm.get('ms_mean'), '.1f')} ± "
+                f"{_f(arm.get('ms_std'), '.1f')} | {_f(arm.get('x_floor'), '.3f')} "
+                f"| {_f(x_ours, '.3f')} | {_f(arm.get('saved_mib'), '.0f')} |"
+            )
+    return lines or ["Not measured."]
+
+
+def _median_ratio(times: list[float] | None, ref: list[float] | None) -> float | None:
+    if not times or not ref or len(times) != len(ref):
+        return None
+    return statistics.median(a / b for a, b in zip(times, ref, strict=True))
+
+
 def write_summary(
     results: Path,
     device: str,
@@ -697,6 +760,7 @@ def write_summary(
         sections.append(("roofline", "Roofline and planner regret", _section_roofline(results)))
         sections.append(("serve", "Multi-adapter serving (bf16)", _section_serve(results)))
         sections.append(("dora", "DoRA (bf16)", _section_dora(results)))
+        sections.append(("fused", "Fused projections (bf16)", _section_fused(results)))
     for name, title, body in sections:
         if name in by_name:
             lines += ["", f"## {title}", "", *body]
@@ -724,7 +788,7 @@ def write_summary(
         "elapsed_s": elapsed_s,
         "command": command,
         "plan": [
-            {"name": p.name, "budget_s": p.budget_s, "placeholder": p.placeholder,
+            {"name": p.name, "budget_s": p.budget_s,
              "steps": [{"name": s.name, "timeout_s": s.timeout_s, "argv": s.argv}
                        for s in p.steps]}
             for p in parts
@@ -1064,6 +1128,33 @@ def worker_dora(args) -> int:
     return 1 if failed else 0
 
 
+def worker_fused(args) -> int:
+    """benchmarks/fused_op.py on the device (``<out>/fused_op.json``), then
+    ``runlora bench --fused`` on each row (``<out>/<model>_r<r>.{csv,json,png}``)."""
+    from runlora.cli import main as cli
+
+    sys.path.insert(0, str(SELF.parent))
+    import fused_op
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    op_args = list(FUSED_OP_ARGS)
+    if args.small:
+        op_args = ["--n", "64", "--d", "32", "--m", "48", "--ranks", "8", "--rounds", "1",
+                   "--reps", "1", "--dtype", "fp32"]  # fmt: skip
+    failed = 0
+    try:
+        fused_op.main([*op_args, "--device", args.device, "--out", str(out / "fused_op.json")])
+    except Exception as e:  # recorded, then the bench row
+        print(f"fused_op: failed: {type(e).__name__}: {e}", flush=True)
+        failed += 1
+    options = {"device": args.device, "timing": FUSED_TIMING, "extra": ("--fused",)}
+    options.update(_small_options(args))
+    rows = [TableRow.parse(s) for s in args.rows]
+    failed += bench_rows(rows, out, cli, stem=dora_stem, **options)
+    return 1 if failed else 0
+
+
 def worker_roofline(args) -> int:
     import torch
 
@@ -1211,6 +1302,7 @@ WORKERS = {
     "regret": worker_regret,
     "serve": worker_serve,
     "dora": worker_dora,
+    "fused": worker_fused,
 }
 
 
@@ -1220,7 +1312,7 @@ def run_worker(argv: list[str]) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="llama_60m", help="serve: the base model")
     ap.add_argument(
-        "--rows", nargs="+", default=[], help="table and dora rows, MODEL:BATCH:R:DROPOUT"
+        "--rows", nargs="+", default=[], help="table, dora and fused rows, MODEL:BATCH:R:DROPOUT"
     )
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the worker's code")
     ap.add_argument("--small", action="store_true", help="tiny sizes (with --device cpu)")

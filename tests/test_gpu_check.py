@@ -58,11 +58,7 @@ def test_full_plan_runs_the_parts_in_order_within_8_minutes(tmp_path):
     ]  # fmt: skip
     total = gc_.plan_seconds(parts) + gc_.SETUP_ALLOWANCE_S["full"]
     assert total <= gc_.TOTAL_BUDGET_S == 8 * 60
-    assert [p.name for p in parts if p.placeholder] == ["fused"]
     for part in parts:
-        if part.placeholder:  # the fused projections: named, skipped, no time
-            assert part.placeholder == "not built yet" and not part.steps and part.budget_s == 0
-            continue
         assert part.steps and part.budget_s > 0
         assert sum(s.timeout_s for s in part.steps) <= part.budget_s + 1e-9
         assert len({s.name for s in part.steps}) == len(part.steps)
@@ -75,7 +71,7 @@ def test_dora_part_is_one_short_bench_dora_run_of_llama_60m_in_bf16(tmp_path):
     parts = {p.name: p for p in gc_.build_plan(tmp_path, "py")}
     dora = parts["dora"]
     (step,) = dora.steps
-    assert dora.placeholder is None and 0 < step.timeout_s <= dora.budget_s <= 30
+    assert 0 < step.timeout_s <= dora.budget_s <= 30
     argv = step.argv
     assert argv[:4] == ["py", str(gc_.SELF), "worker", "dora"]
     assert argv[argv.index("--out") + 1] == str(tmp_path / "dora")
@@ -98,6 +94,26 @@ def test_dora_part_is_one_short_bench_dora_run_of_llama_60m_in_bf16(tmp_path):
     # six arms of at least --min-run-time each, and start-up, fit the step's timeout
     run_time = float(bench_argv[bench_argv.index("--min-run-time") + 1])
     assert 6 * run_time + 10 <= step.timeout_s
+
+
+def test_fused_part_is_the_op_alone_then_one_bench_fused_run_of_llama_60m_in_bf16(tmp_path):
+    parts = {p.name: p for p in gc_.build_plan(tmp_path, "py")}
+    fused = parts["fused"]
+    (step,) = fused.steps
+    assert 0 < step.timeout_s <= fused.budget_s <= 30
+    argv = step.argv
+    assert argv[:4] == ["py", str(gc_.SELF), "worker", "fused"]
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "fused")
+    (spec,) = argv[argv.index("--rows") + 1 :]
+    row = gc_.TableRow.parse(spec)
+    assert (row.model, row.batch_size, row.r, row.dropout) == ("llama_60m", 8, 8, 0.0)
+    op = list(gc_.FUSED_OP_ARGS)
+    assert op[op.index("--dtype") + 1] == "bf16" and int(op[op.index("--n") + 1]) >= 4096
+    bench_argv = gc_.bench_argv(row, 8, tmp_path / "x", timing=gc_.FUSED_TIMING, extra=("--fused",))
+    assert "--fused" in bench_argv and bench_argv[bench_argv.index("--dtype") + 1] == "bf16"
+    # five arms of at least --min-run-time each, and start-up, fit the step's timeout
+    run_time = float(bench_argv[bench_argv.index("--min-run-time") + 1])
+    assert 5 * run_time + 10 <= step.timeout_s
 
 
 def test_full_table_is_the_papers_rows_in_bf16_on_cuda(tmp_path):
@@ -127,8 +143,8 @@ def test_quick_plan_is_the_tests_and_two_rows_in_about_two_minutes(tmp_path):
 def test_plan_option_prints_the_budgets_and_runs_nothing(tmp_path, capsys):
     assert gc_.main(["--plan", "--out", str(tmp_path / "r")], devices=[]) == 0
     out = capsys.readouterr().out
-    assert "table-llama_1.3b" in out and "not built yet" in out and "limit 480 s" in out
-    assert "  dora         25  DoRA, bf16" in out and "  fused     skipped" in out
+    assert "table-llama_1.3b" in out and "limit 480 s" in out
+    assert "  dora         25  DoRA, bf16" in out and "  fused        20  Fused projections" in out
     assert not (tmp_path / "r").exists()
 
 
@@ -257,6 +273,39 @@ def _dora_doc(row) -> dict:
     }
 
 
+FUSED_OP_DOC = {
+    "args": {"n": 8192, "d": 768, "m": 2048, "dtype": "bf16"},
+    "rows": [
+        {"group": "qkv", "r": 8, "frozen_ms": 1.5, "separate_x_frozen": 1.2,
+         "fused_x_frozen": 1.1, "fused_x_separate": 0.9167, "plan": "merged/recompute_merged"},
+    ],
+}  # fmt: skip
+
+
+def _fused_doc(row) -> dict:
+    """A `runlora bench --fused` JSON: runlora (fused), runlora_unfused, runlora_saved."""
+    arms = [
+        harness.ArmResult(name, kind, times, saved * 2**20, 2**30, "cuda_max_allocated")
+        for name, kind, times, saved in (
+            ("floor", "floor", [20.0, 22.0], 500),
+            ("peft", "peft", [30.0, 32.0], 800),
+            ("runlora/flops", "runlora", [24.0, 22.0], 500),
+            ("runlora_unfused/flops", "runlora", [26.0, 24.2], 500),
+            ("runlora_saved/flops", "runlora", [25.0, 24.2], 700),
+        )
+    ]
+    settings = bench.BenchSettings(
+        batch_size=row.batch_size, seq_len=1024, r=row.r, lora_dropout=row.dropout,
+        dtype="bf16", device="cuda", fused=True,
+    )  # fmt: skip
+    rows = bench.summarize(arms)
+    times = {a.name: a.times_ms for a in arms}
+    return {
+        "settings": asdict(settings),
+        "results": [{"model": row.model, "rows": rows, "times_ms": times}],
+    }
+
+
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" errors="0" failures="1" skipped="1" tests="4">
 <testcase classname="tests.test_cuda" name="test_a"/>
@@ -305,6 +354,12 @@ class FakeParts:
             for spec in argv[argv.index("--rows") + 1 :]:
                 row = gc_.TableRow.parse(spec)
                 (out / f"{gc_.dora_stem(row)}.json").write_text(json.dumps(_dora_doc(row)))
+        elif step.name == "fused":
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "fused_op.json").write_text(json.dumps(FUSED_OP_DOC))
+            for spec in argv[argv.index("--rows") + 1 :]:
+                row = gc_.TableRow.parse(spec)
+                (out / f"{gc_.dora_stem(row)}.json").write_text(json.dumps(_fused_doc(row)))
         if step.name in self.fail:
             tail = [f"{step.name} line {i}" for i in range(3)] + ["Traceback: boom"]
             return gc_.StepResult(step.name, "failed", 1, 0.2, timeout_s, str(log_path), tail)
@@ -320,7 +375,7 @@ def test_fake_device_run_writes_the_results_folder_and_summary(tmp_path, monkeyp
     results = tmp_path / "nvidia-fake-h200"
     assert [name for name, _ in runner.ran] == [
         "env", "tests", "table-llama_60m", "table-llama_130m", "table-llama_350m",
-        "table-llama_1.3b", "roofline", "regret", "serve", "dora",
+        "table-llama_1.3b", "roofline", "regret", "serve", "dora", "fused",
     ]  # fmt: skip
     for name in ("SUMMARY.md", "summary.json", "table.csv", "env.json", "tests.xml"):
         assert (results / name).is_file(), name
@@ -332,7 +387,7 @@ def test_fake_device_run_writes_the_results_folder_and_summary(tmp_path, monkeyp
     parts_at = [md.index(f"| {i} | {name} |") for i, name in enumerate(
         ["env", "tests", "table", "roofline", "regret", "serve", "dora", "fused"], 1)]  # fmt: skip
     assert parts_at == sorted(parts_at)
-    assert "| 7 | dora | ok |" in md and "| 8 | fused | skipped |" in md and "not built yet" in md
+    assert "| 7 | dora | ok |" in md and "| 8 | fused | ok |" in md
     assert (
         "2 passed, 1 failed, 0 errors, 1 skipped" in md
         and "FAILED tests.test_cuda::test_c: boom" in md
@@ -354,8 +409,16 @@ def test_fake_device_run_writes_the_results_folder_and_summary(tmp_path, monkeyp
     assert (
         "| runlora_dora_lowmem/flops | 41.0 ± 1.4 | 1.952 | 1.578 | 0.804 | 700 | 1.000 |" in dora
     )
+    # fused: the op alone, then per arm ms/step, x floor, x runlora (median of the per-round
+    # ratios, e.g. (26/24 + 24.2/22) / 2 = 1.0917; x floor is the mean's, 25.1 / 21), saved MiB
+    fused = md[md.index("## Fused projections (bf16)") :]
+    assert "N = 8192, in 768, bf16" in fused
+    assert "| qkv | 8 | 1.50 | 1.200 | 1.100 | 0.917 | merged/recompute_merged |" in fused
+    assert "| runlora/flops | 23.0 ± 1.4 | 1.095 | 1.000 | 500 |" in fused
+    assert "| runlora_unfused/flops | 25.1 ± 1.3 | 1.195 | 1.092 | 500 |" in fused
+    assert "| runlora_saved/flops | 24.6 ± 0.6 | 1.171 | 1.071 | 700 |" in fused
     doc = json.loads((results / "summary.json").read_text())
-    assert [p["status"] for p in doc["parts"]] == ["ok"] * 7 + ["skipped"]
+    assert [p["status"] for p in doc["parts"]] == ["ok"] * 8
     assert len(doc["table"]) == 16 * 3 and not doc["table_missing"]
     assert doc["tests"]["failures"] == 1
     with tarfile.open(archive) as tar:
@@ -374,13 +437,13 @@ def test_a_failing_part_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     argv = ["--out", str(tmp_path), "--python", "py"]
     assert gc_.main(argv, devices=["Fake GPU"], runner=runner) == 1
     assert [name for name, _ in runner.ran][-5:] == [
-        "table-llama_1.3b", "roofline", "regret", "serve", "dora",
+        "roofline", "regret", "serve", "dora", "fused",
     ]  # fmt: skip
     doc = json.loads((tmp_path / "fake-gpu" / "summary.json").read_text())
     status = {p["name"]: p["status"] for p in doc["parts"]}
     assert status == {
         "env": "ok", "tests": "ok", "table": "partial", "roofline": "ok", "regret": "failed",
-        "serve": "ok", "dora": "ok", "fused": "skipped",
+        "serve": "ok", "dora": "ok", "fused": "ok",
     }  # fmt: skip
     md = (tmp_path / "fake-gpu" / "SUMMARY.md").read_text()
     assert "| 3 | table | partial |" in md and "table-llama_130m: failed" in md
@@ -760,3 +823,26 @@ def test_dora_worker_runs_on_cpu_and_writes_the_dora_columns(tmp_path, monkeypat
     lines = gc_._section_dora(tmp_path)
     assert len([line for line in lines if line.startswith("| runlora_dora")]) == 2
     assert all(" - |" not in line for line in lines if line.startswith("| runlora_dora/"))
+
+
+@pytest.mark.slow
+def test_fused_worker_runs_on_cpu_and_the_summary_reads_it(tmp_path, monkeypatch, capsys):
+    """The fused worker (benchmarks/fused_op.py, then ``runlora bench --fused``) on CPU at tiny
+    sizes: both files are written with the arms the summary's section reads."""
+    monkeypatch.setenv("RUNLORA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the worker adds benchmarks/
+    out = tmp_path / "fused"
+    argv = ["fused", "--out", str(out), "--device", "cpu", "--small", "--rows", "llama_tiny:2:8:0"]
+    assert gc_.run_worker(argv) == 0
+    assert "--fused" in capsys.readouterr().out
+    op = json.loads((out / "fused_op.json").read_text())
+    assert [(r["group"], r["r"]) for r in op["rows"]] == [("qkv", 8), ("gate_up", 8)]
+    assert all(r["fused_x_separate"] > 0 for r in op["rows"])
+    doc = json.loads((out / "llama_tiny_r8.json").read_text())
+    arms = {r["arm"] for r in doc["results"][0]["rows"]}
+    assert arms == {"floor", "peft", "runlora/flops", "runlora_unfused/flops",
+                    "runlora_saved/flops"}  # fmt: skip
+    shutil.copy(out / "llama_tiny_r8.json", out / "llama_60m_r8.json")
+    lines = gc_._section_fused(tmp_path)
+    assert len([line for line in lines if line.startswith("| runlora")]) == 3
+    assert len([line for line in lines if line.startswith("| qkv")]) == 1
