@@ -214,3 +214,19 @@ def test_no_warning_on_a_healthy_cache(isolated_cache):
         cache_mod._DEFAULT.clear()
         runlora.plan_layer(128, 32, 32, 4, criterion="roofline")
     assert os.path.getsize(isolated_cache) > 0
+
+
+@pytest.mark.parametrize("criterion", ["roofline", "time"])
+def test_measuring_criteria_plan_a_layer_first_called_under_autocast(criterion):
+    """A layer planned by measuring, first called inside torch.autocast: the candidates are
+    timed in the op's dtype (bf16 here), not under the caller's autocast."""
+    torch.manual_seed(0)
+    layer = runlora.RunLoRALinear(torch.nn.Linear(16, 12), r=4, criterion=criterion)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad is not None and layer.lora_A["default"].weight.grad is not None
+    plan = layer.plan_summary()
+    assert criterion in plan

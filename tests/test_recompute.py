@@ -4,8 +4,11 @@ outputs and gradients as saving them, and what the frozen model saves."""
 from __future__ import annotations
 
 import copy
+import functools
+import gc
 import io
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from torch import nn
 import runlora
 from runlora.bench.memory import saved_tensor_bytes, storage_ptrs
 from runlora.layers import recompute
-from runlora.ops.remake import mark_remake, remake_of
+from runlora.ops.remake import Recipe, mark_remake, remake_of
 
 peft = pytest.importorskip("peft")
 
@@ -373,11 +376,11 @@ def test_a_retained_graph_backpropagates_twice_exactly():
     x = torch.tanh(h)
     mark_remake(x, torch.tanh, (h,))
     y = sum(runlora.lora_linear(x, w, a, b, scaling=0.5) for w, (a, b) in zip(ws, ab, strict=True))
-    remake = remake_of(x)
-    assert remake.claims == 3
+    recipe = remake_of(x).recipe
+    assert recipe.claims == 3
     y.pow(2).sum().backward(retain_graph=True)
     first = [t.grad.clone() for t in (h, *[p for pair in ab for p in pair])]
-    assert remake.claims == 0 and remake._formed is None  # let go after the last claimant
+    assert recipe.claims == 0 and recipe._formed is None  # let go after the last claimant
     for t in (h, *[p for pair in ab for p in pair]):
         t.grad = None
     y.pow(2).sum().backward()  # more takes than claims: formed anew each time, still exact
@@ -444,3 +447,69 @@ def test_an_mlp_with_another_order_keeps_its_forward():
     model = nn.Sequential(Swapped())
     report = runlora.recompute_inputs(model)
     assert report.switched == {} and "does not compute" in report.skipped["0"]
+
+
+def _three_readers(seed=0, mark=True):
+    """A leaf, the producer's input h, x = tanh(h) (marked), and three LoRA ops reading x."""
+    gen = torch.Generator().manual_seed(seed)
+    leaf = torch.randn(8, 6, generator=gen, requires_grad=True)
+    h = leaf * 1.5
+    x = torch.tanh(h)
+    if mark:
+        mark_remake(x, torch.tanh, (h,))
+    ws = [torch.randn(5, 6, generator=gen) for _ in range(3)]
+    ab = [
+        (torch.randn(2, 6, generator=gen).requires_grad_(), torch.randn(5, 2, generator=gen))
+        for _ in ws
+    ]
+    for _, b in ab:
+        b.requires_grad_()
+    ys = [runlora.lora_linear(x, w, a, b, scaling=0.5) for w, (a, b) in zip(ws, ab, strict=True)]
+    return leaf, h, x, ab, sum(y.pow(2).sum() for y in ys)
+
+
+def test_a_partial_backward_lets_the_formed_input_go_when_it_ends():
+    _, _, x, ab, loss = _three_readers()
+    recipe = remake_of(x).recipe
+    torch.autograd.grad(loss, [ab[0][0]])  # only the first reader's backward runs
+    assert recipe.claims == 2 and recipe._formed is None
+
+
+def test_no_tensor_of_the_forward_outlives_backward_through_the_ops():
+    _, h, x, _, loss = _three_readers()
+    alive = weakref.ref(h)
+    del h, x
+    loss.backward()  # loss itself stays referenced, as in a plain training loop
+    gc.collect()
+    assert alive() is None
+
+
+def test_create_graph_after_a_partial_retained_backward_stays_exact():
+    def second_order(mark):
+        leaf, _, _, ab, loss = _three_readers(mark=mark)
+        torch.autograd.grad(loss, [ab[0][0]], retain_graph=True)  # forms x without a graph
+        (da,) = torch.autograd.grad(loss, [ab[1][0]], create_graph=True)
+        return torch.autograd.grad(da.pow(2).sum(), [leaf])[0]
+
+    torch.testing.assert_close(second_order(True), second_order(False), rtol=1e-6, atol=1e-6)
+
+
+def test_checkpointed_attention_with_its_norm_outside_leaves_nothing_formed():
+    from torch.utils.checkpoint import checkpoint
+
+    model = runlora.from_peft(_peft_model(llama()))
+    ref = runlora.from_peft(_peft_model(llama()), recompute_inputs=False)
+    ref.load_state_dict(model.state_dict())
+    for m in (model, ref):
+        for layer in m.base_model.model.model.layers:
+            attn = layer.self_attn
+            attn.forward = functools.partial(checkpoint, attn.forward, use_reentrant=False)
+    batch = text_batch()
+    _, loss, grads = _step(model, batch)
+    _, loss_ref, grads_ref = _step(ref, batch)
+    assert torch.equal(loss, loss_ref)
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    gc.collect()
+    recipes = [o for o in gc.get_objects() if isinstance(o, Recipe)]
+    assert recipes and all(r._formed is None for r in recipes)

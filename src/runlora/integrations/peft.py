@@ -389,10 +389,10 @@ def from_peft(
             None leaves each layer's setting as it is.
         fuse: True (what a layer switched for the first time gets): layers that the model
             calls one after another with the very same input (q_proj, k_proj, v_proj;
-            gate_proj, up_proj) run as one ``fused_lora_linear`` call where the planner finds
-            that it pays (``runlora.planning.fusion``, by the layers' criterion), found at the
-            first forward (``runlora.layers.groups``; ``describe`` shows the groups). False:
-            each layer runs its own op. None leaves each layer's setting as it is.
+            gate_proj, up_proj) run as one ``fused_lora_linear`` call where the op's cost model
+            finds that it pays (``runlora.planning.fusion``), found at the first forward
+            (``runlora.layers.groups``; ``describe`` shows the groups). False: each layer runs
+            its own op. None leaves each layer's setting as it is.
         recompute_inputs: True (the default): the RMSNorm / LayerNorm outputs and the gated
             MLP's ``act(gate) * up`` that feed LoRA layers are formed again in backward from
             tensors autograd keeps anyway, instead of being saved (``runlora.layers.recompute``):

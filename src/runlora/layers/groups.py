@@ -13,7 +13,9 @@ Groups are found by what the model does, not by class or module names:
   must run what the forward ran, each layer alone); otherwise at once.
 - Use. From then on, the group's first layer, called with ``x``, runs the fused op for every
   member (each with its own weight, bias, A, B, scaling, dropout and plan, as its own call
-  would look them up), returns its own output and stashes the others'. The next accelerated
+  would look them up) where the planner finds that it pays for this call's shapes and plans
+  (``runlora.planning.fusion``; else each member runs its own op), returns its own output and
+  stashes the others'. The next accelerated
   call takes the stashed output if it is the next member, called with that same ``x`` (same
   object, version, grad mode, adapter and adapter parameter versions); any other call drops the
   stash, and that layer runs as it would have. So an output is consumed once, right after the
@@ -60,12 +62,13 @@ ALONE = "alone"
 class SharedInputGroup:
     """Layers that the model calls one after another with the same input, in call order."""
 
-    __slots__ = ("members", "skipped", "fusion", "_ready")
+    __slots__ = ("members", "skipped", "fusion", "decisions", "_ready")
 
     def __init__(self, members: list[nn.Module], ready: _Ready) -> None:
         self.members = tuple(members)
         self.skipped: str | None = None  # why the last call of the first member ran alone
         self.fusion: Fusion | None = None  # the planner's call for the last call's shapes
+        self.decisions: dict[tuple, Fusion] = {}  # per call kind (see ``_plan``)
         self._ready = ready
 
     @property
@@ -261,27 +264,40 @@ def _run_group(group: SharedInputGroup, x: Tensor) -> Tensor | None:
 
 
 def _plan(group, x, weights, biases, lora_as, lora_bs, dropouts, plans) -> Fusion:
-    """The planner's call (``runlora.planning.fusion``) for this call's shapes, planned over the
-    same token bucket as the members' plans, by the first member's criterion."""
+    """The planner's call (``runlora.planning.fusion``) for this call's shapes and plans, over
+    the same token bucket as the members' plans; remembered on the group per call kind."""
     grad = torch.is_grad_enabled()
     n = bucket_tokens(max(1, x.numel() // x.shape[-1]))
     needs_x = grad and x.requires_grad
+    pairs = zip(lora_as, lora_bs, strict=True)
+    needs_lora = tuple(grad and (a.requires_grad or b.requires_grad) for a, b in pairs)
+    bias_grad = tuple(grad and b is not None and b.requires_grad for b in biases)
+    ranks = tuple(a.shape[0] for a in lora_as)
+    drop = tuple(p > 0.0 for p in dropouts)
+    key = (n, needs_x, needs_lora, bias_grad, ranks, drop, plans)
+    hit = group.decisions.get(key)
+    if hit is not None:
+        return hit
     parts = tuple(
         Problem(
             n,
             w.shape[1],
             w.shape[0],
-            a.shape[0],
+            r,
             needs_input_grad=needs_x,
-            needs_lora_grad=grad and (a.requires_grad or b.requires_grad),
+            needs_lora_grad=lora_grad,
             bias=bias is not None,
-            bias_grad=grad and bias is not None and bias.requires_grad,
-            dropout=p > 0.0,
+            bias_grad=b_grad,
+            dropout=d,
         )
-        for w, bias, a, b, p in zip(weights, biases, lora_as, lora_bs, dropouts, strict=True)
+        for w, bias, r, d, lora_grad, b_grad in zip(
+            weights, biases, ranks, drop, needs_lora, bias_grad, strict=True
+        )
     )
-    criterion = group.members[0].criterion
-    return plan_fusion(FusedProblem(parts), plans, criterion, x.dtype, x.device)
+    if len(group.decisions) >= 64:
+        group.decisions.clear()
+    group.decisions[key] = fusion = plan_fusion(FusedProblem(parts), plans)
+    return fusion
 
 
 def grouped_call(layer: nn.Module, x: Tensor, name: str) -> Tensor:

@@ -310,7 +310,8 @@ class LoRAEngine:
     @property
     def fuse(self) -> bool:
         """Run this layer and the layers called right after it with the very same input as one
-        ``fused_lora_linear`` call (``runlora.layers.groups``), where the host supports it."""
+        ``fused_lora_linear`` call (``runlora.layers.groups``), where the host supports it and
+        the planner finds that it pays (``runlora.planning.fusion``)."""
         return self.__dict__.get("_runlora_fuse", False)
 
     @fuse.setter

@@ -252,12 +252,11 @@ class _DoRAFunction(torch.autograd.Function):
             x, weight, lora_a, lora_b, magnitude, bias, scaling, dropout, plan, keep_u, quant
         )
         kept = (x,) if remake is None else remake.tensors  # x formed again in backward
-        if remake is not None:
-            remake.claim()
         ctx.save_for_backward(
             weight, lora_a, lora_b, magnitude, n, u, la if keep_xa else None, *kept
         )
-        ctx.remake, ctx.x_shape = remake, x.shape
+        ctx.remake = None if remake is None else remake.claim()  # its Recipe
+        ctx.x_shape = x.shape
         ctx.scaling, ctx.dropout, ctx.seed = scaling, dropout, seed
         ctx.plan, ctx.quant = plan, quant
         return y

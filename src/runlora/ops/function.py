@@ -19,7 +19,7 @@ from torch import Tensor
 from .dropout import DropMask, draw_mask
 from .plan import Plan, as_plan
 from .products import addmm_into, db_from_la, la_product, merge_weight, z_product
-from .remake import Remake, remake_of
+from .remake import Recipe, remake_of
 from .variants import BackwardVariant, ForwardVariant, Problem
 
 __all__ = [
@@ -185,12 +185,11 @@ class _LoRAFunction(torch.autograd.Function):
         y, la, scaling, seed = _forward(
             x, weight, lora_a, lora_b, bias, scaling, dropout, plan, quant
         )
-        ctx.remake = remake
+        ctx.remake = None if remake is None else remake.claim()  # its Recipe
         if remake is None:
             ctx.save_for_backward(weight, lora_a, lora_b, la if keep_la else None, x)
         else:  # x is formed again in backward from tensors autograd keeps anyway
             ctx.save_for_backward(weight, lora_a, lora_b, la if keep_la else None, *remake.tensors)
-            remake.claim()
         ctx.x_shape = x.shape
         ctx.scaling, ctx.dropout, ctx.seed = scaling, dropout, seed
         ctx.bwd, ctx.layout, ctx.quant = plan.backward_variant, plan.layout, quant
@@ -235,14 +234,14 @@ class _LoRAFunction(torch.autograd.Function):
         return dx, None, da if need_a else None, db if need_b else None, dbias, *([None] * 6)
 
 
-def _remade(remake: Remake, kept: list[Tensor], shape: torch.Size) -> Tensor:
+def _remade(recipe: Recipe, kept: list[Tensor], shape: torch.Size) -> Tensor:
     """The op's input x ``shape``, formed again from the remake's saved tensors ``kept`` (or
     taken from another op's backward that formed it from the same tensors)."""
-    x = remake.take(*kept)
+    x = recipe.take(*kept)
     if x.shape != shape:  # the producer broke its promise: fail loudly rather than be wrong
         raise RuntimeError(
             f"runlora: a recomputed LoRA input has shape {tuple(x.shape)}, the forward's had "
-            f"{tuple(shape)} ({remake!r})"
+            f"{tuple(shape)} ({recipe!r})"
         )
     return x
 

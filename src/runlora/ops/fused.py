@@ -118,10 +118,9 @@ class _FusedFunction(torch.autograd.Function):
         weights, lora_as, lora_bs, biases = (params[i * kk : (i + 1) * kk] for i in range(4))
         ys, seeds = _forward(spec, x, weights, lora_as, lora_bs, biases)
         kept = (x,) if remake is None else remake.tensors  # x formed again in backward
-        if remake is not None:
-            remake.claim()
         ctx.save_for_backward(*weights, *lora_as, *lora_bs, *kept)
-        ctx.remake, ctx.x_shape = remake, x.shape
+        ctx.remake = None if remake is None else remake.claim()  # its Recipe
+        ctx.x_shape = x.shape
         # As K separate ops: an output depends on x and its own adapter only.
         ctx.mark_non_differentiable(
             *(ys[k] for k in range(kk) if not _requires_grad(x, lora_as[k], lora_bs[k], biases[k]))

@@ -17,9 +17,10 @@ counter), and x requires grad (else autograd keeps nothing for the producer and 
 tensors would cost what x costs, or more). Under ``torch.compile`` the ops save x.
 
 Several ops often read one marked x (q_proj, k_proj and v_proj read one norm output; gate_proj
-and up_proj another). Each op that saves the remake's tensors claims it in forward, and in
-backward the first of them forms x and the others take that same tensor: x is formed once per
-backward, not once per op, and let go after the last claimant's backward.
+and up_proj another). Each op that saves the remake's tensors claims its ``Recipe`` in forward,
+and in a backward the first of them forms x and the others take that same tensor: x is formed
+once per backward, not once per op, and let go after the last claimant's backward (or when the
+backward ends).
 """
 
 from __future__ import annotations
@@ -29,56 +30,92 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["Remake", "mark_remake", "remake_of"]
+__all__ = ["Remake", "Recipe", "mark_remake", "remake_of"]
 
 _ATTR = "_runlora_remake"
 
 
 class Remake:
-    """How to form a tensor again: ``fn(*tensors, *args)`` returns it, bitwise.
+    """The mark on a tensor x: the tensors x is formed from, and its ``Recipe``.
 
-    ``tensors`` are saved for backward by the op that uses the remake (so autograd checks them
-    for in-place changes), ``args`` are plain Python values, ``version`` is the marked tensor's
-    version counter when it was marked.
+    ``tensors`` are saved for backward by each op that reads x (so autograd checks them for
+    in-place changes), ``version`` is x's version counter when it was marked. The ops' autograd
+    contexts keep only the recipe (``claim``), so nothing of the forward outlives the graph's
+    saved tensors through them.
     """
 
-    __slots__ = ("fn", "tensors", "args", "version", "claims", "_formed", "_formed_from")
+    __slots__ = ("tensors", "version", "recipe")
 
     def __init__(
         self, fn: Callable[..., Tensor], tensors: tuple[Tensor, ...], args: tuple, version: int
     ) -> None:
-        self.fn, self.tensors, self.args, self.version = fn, tensors, args, version
-        self.claims = 0  # ops whose backward will still ask for the tensor
-        self._formed: Tensor | None = None  # the tensor formed by the first of them
-        self._formed_from: tuple | None = None
+        self.tensors, self.version = tensors, version
+        self.recipe = Recipe(fn, args)
 
     def __call__(self, *tensors: Tensor) -> Tensor:
-        """The tensor again, from ``tensors`` (``self.tensors`` as backward unpacks them)."""
+        """x again, from ``tensors`` (``self.tensors`` as backward unpacks them)."""
+        return self.recipe(*tensors)
+
+    def claim(self) -> Recipe:
+        """An op saved ``self.tensors`` and will ``take`` x in its backward: its recipe."""
+        self.recipe.claims += 1
+        return self.recipe
+
+    def __repr__(self) -> str:
+        return f"Remake({self.recipe.name}, {len(self.tensors)} tensors)"
+
+
+class Recipe:
+    """How x is formed again, ``fn(*tensors, *args)`` bitwise, shared by the ops that read x.
+
+    In a backward (without ``create_graph``) the first claimant forms x and the others take that
+    same tensor while they still have a claim; it is let go after the last claim, and in any
+    case when that backward ends (a partial backward, or a checkpointed recompute that claimed
+    again, leaves claims that never come).
+    """
+
+    __slots__ = ("fn", "args", "claims", "_formed", "_formed_from", "_release_queued")
+
+    def __init__(self, fn: Callable[..., Tensor], args: tuple) -> None:
+        self.fn, self.args = fn, args
+        self.claims = 0  # ops whose backward will still ask for x
+        self._formed: Tensor | None = None  # x as the first of them formed it
+        self._formed_from: tuple | None = None
+        self._release_queued = False
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__qualname__", repr(self.fn))
+
+    def __call__(self, *tensors: Tensor) -> Tensor:
         return self.fn(*tensors, *self.args)
 
-    def claim(self) -> None:
-        """An op saved this remake's tensors and will ``take`` the tensor in its backward."""
-        self.claims += 1
-
     def take(self, *tensors: Tensor) -> Tensor:
-        """The tensor again, for one claimant's backward: formed from ``tensors`` by the first
-        claimant and handed to the others while they still have a claim, then let go. A call
-        with other tensors (or more calls than claims, as a second backward of a retained graph
-        makes) forms it anew."""
+        """x again, for one claimant's backward, formed from ``tensors`` (its saved tensors) or
+        taken from an earlier claimant that formed it from the very same ones."""
+        self.claims -= 1
+        if torch.is_grad_enabled() or torch._C._current_graph_task_id() == -1:
+            return self(*tensors)  # create_graph (x needs its graph) or outside a backward
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         formed = self._formed if key == self._formed_from else None
         if formed is None:
             formed = self(*tensors)
-        self.claims -= 1
         if self.claims > 0:
             self._formed, self._formed_from = formed, key
+            if not self._release_queued:
+                self._release_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._release)
         else:
             self._formed = self._formed_from = None
         return formed
 
+    def _release(self) -> None:
+        """At the end of the backward that cached x: let it go whatever claims are left."""
+        self._formed = self._formed_from = None
+        self._release_queued = False
+
     def __repr__(self) -> str:
-        name = getattr(self.fn, "__qualname__", repr(self.fn))
-        return f"Remake({name}, {len(self.tensors)} tensors)"
+        return f"Recipe({self.name}, {self.claims} claims)"
 
 
 def mark_remake(x: Tensor, fn: Callable[..., Tensor], tensors: tuple, args: tuple = ()) -> Tensor:

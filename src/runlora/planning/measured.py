@@ -57,7 +57,8 @@ def measure_halves(
         lx = mask.apply(x)
     share = budget_s / max(1, len(forwards) + len(backwards))
     fwd_ms = {}
-    with torch.no_grad():
+    # the candidates run in ``dtype`` as the op runs them, whatever autocast the caller is under
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
         for fwd in forwards:
             fwd_ms[fwd.name] = time_call(
                 lambda fwd=fwd: run_forward(fwd, x, w, a, b, bias, 1.0, lx), device, share

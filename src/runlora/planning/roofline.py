@@ -78,6 +78,11 @@ def calibrate(
 ) -> dict:
     """Measure (or load from the plan cache) this device's roofline parameters for ``dtype``."""
     device = torch.device(device)
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):  # measured in ``dtype``
+        return _calibrate(dtype, device, refresh)
+
+
+def _calibrate(dtype: torch.dtype, device: torch.device, refresh: bool) -> dict:
     key = device_key(device, dtype)
     cache = default_cache()
     if not refresh:
