@@ -67,20 +67,21 @@ def test_full_plan_runs_the_parts_in_order_within_8_minutes(tmp_path):
     assert f"--junitxml={tmp_path / 'tests.xml'}" in tests
 
 
-def test_dora_part_is_one_short_bench_dora_run_of_llama_60m_in_bf16(tmp_path):
-    parts = {p.name: p for p in gc_.build_plan(tmp_path, "py")}
-    dora = parts["dora"]
-    (step,) = dora.steps
-    assert 0 < step.timeout_s <= dora.budget_s <= 30
+def _one_bench_row_part(tmp_path, name, timing, flag, arms):
+    """A part that is one worker step on the llama_60m row in bf16 whose ``arms`` arms, timed
+    by ``timing``, fit its timeout; returns ``runlora bench``'s arguments for that row."""
+    part = {p.name: p for p in gc_.build_plan(tmp_path, "py")}[name]
+    (step,) = part.steps
+    assert 0 < step.timeout_s <= part.budget_s <= 30
     argv = step.argv
-    assert argv[:4] == ["py", str(gc_.SELF), "worker", "dora"]
-    assert argv[argv.index("--out") + 1] == str(tmp_path / "dora")
+    assert argv[:4] == ["py", str(gc_.SELF), "worker", name]
+    assert argv[argv.index("--out") + 1] == str(tmp_path / name)
     (spec,) = argv[argv.index("--rows") + 1 :]
     row = gc_.TableRow.parse(spec)
     assert (row.model, row.batch_size, row.r, row.dropout) == ("llama_60m", 8, 8, 0.0)
     assert gc_.dora_stem(row) == "llama_60m_r8"
-    bench_argv = gc_.bench_argv(row, 8, tmp_path / "x", timing=gc_.DORA_TIMING, extra=("--dora",))
-    assert "--dora" in bench_argv and bench_argv[-2:] == ["-o", str(tmp_path / "x")]
+    bench_argv = gc_.bench_argv(row, 8, tmp_path / "x", timing=timing, extra=(flag,))
+    assert flag in bench_argv and bench_argv[-2:] == ["-o", str(tmp_path / "x")]
     for flag, value in (
         ("--dtype", "bf16"),
         ("--device", "cuda"),
@@ -91,29 +92,20 @@ def test_dora_part_is_one_short_bench_dora_run_of_llama_60m_in_bf16(tmp_path):
         ("--warmup", "1"),
     ):
         assert bench_argv[bench_argv.index(flag) + 1] == value  # fmt: skip
-    # six arms of at least --min-run-time each, and start-up, fit the step's timeout
+    # every arm for at least --min-run-time, and start-up, fit the step's timeout
     run_time = float(bench_argv[bench_argv.index("--min-run-time") + 1])
-    assert 6 * run_time + 10 <= step.timeout_s
+    assert arms * run_time + 10 <= step.timeout_s
+    return bench_argv
+
+
+def test_dora_part_is_one_short_bench_dora_run_of_llama_60m_in_bf16(tmp_path):
+    _one_bench_row_part(tmp_path, "dora", gc_.DORA_TIMING, "--dora", arms=6)
 
 
 def test_fused_part_is_the_op_alone_then_one_bench_fused_run_of_llama_60m_in_bf16(tmp_path):
-    parts = {p.name: p for p in gc_.build_plan(tmp_path, "py")}
-    fused = parts["fused"]
-    (step,) = fused.steps
-    assert 0 < step.timeout_s <= fused.budget_s <= 30
-    argv = step.argv
-    assert argv[:4] == ["py", str(gc_.SELF), "worker", "fused"]
-    assert argv[argv.index("--out") + 1] == str(tmp_path / "fused")
-    (spec,) = argv[argv.index("--rows") + 1 :]
-    row = gc_.TableRow.parse(spec)
-    assert (row.model, row.batch_size, row.r, row.dropout) == ("llama_60m", 8, 8, 0.0)
+    _one_bench_row_part(tmp_path, "fused", gc_.FUSED_TIMING, "--fused", arms=5)
     op = list(gc_.FUSED_OP_ARGS)
     assert op[op.index("--dtype") + 1] == "bf16" and int(op[op.index("--n") + 1]) >= 4096
-    bench_argv = gc_.bench_argv(row, 8, tmp_path / "x", timing=gc_.FUSED_TIMING, extra=("--fused",))
-    assert "--fused" in bench_argv and bench_argv[bench_argv.index("--dtype") + 1] == "bf16"
-    # five arms of at least --min-run-time each, and start-up, fit the step's timeout
-    run_time = float(bench_argv[bench_argv.index("--min-run-time") + 1])
-    assert 5 * run_time + 10 <= step.timeout_s
 
 
 def test_full_table_is_the_papers_rows_in_bf16_on_cuda(tmp_path):

@@ -18,8 +18,8 @@ VOCAB = 256
 BATCH, SEQ = 2, 8
 
 
-def llama(**overrides):
-    config = transformers.LlamaConfig(
+def _causal_lm(config_class, model_class, **overrides):
+    config = config_class(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -27,22 +27,17 @@ def llama(**overrides):
         vocab_size=VOCAB,
         **overrides,
     )
-    return transformers.LlamaForCausalLM(config).eval()
+    return model_class(config).eval()
+
+
+def llama(**overrides):
+    return _causal_lm(transformers.LlamaConfig, transformers.LlamaForCausalLM, **overrides)
 
 
 def phi3(**overrides):
     """Phi-3: fused qkv_proj and gate_up_proj."""
-    config = transformers.Phi3Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=VOCAB,
-        pad_token_id=0,
-        **overrides,
-    )
-    return transformers.Phi3ForCausalLM(config).eval()
+    overrides = {"num_key_value_heads": 4, "pad_token_id": 0, **overrides}
+    return _causal_lm(transformers.Phi3Config, transformers.Phi3ForCausalLM, **overrides)
 
 
 def gpt2():
