@@ -232,12 +232,12 @@ def build_plan(results: Path, python: str, *, quick: bool = False) -> list[Part]
         Part(
             "regret",
             "Planner regret",
-            30.0,
+            25.0,
             [
                 step(
                     "regret",
                     [*worker, "regret", "--out", results / "regret.json"],
-                    30.0,
+                    25.0,
                     RUNLORA_TIME_BUDGET="0.3",
                 )
             ],
@@ -290,7 +290,8 @@ def format_plan(parts: list[Part], quick: bool) -> str:
                 lines.append(f"    {s.name:<20} {s.timeout_s:>5.0f}")
     setup = SETUP_ALLOWANCE_S[mode]
     lines.append(
-        f"  total {plan_seconds(parts):.0f} s + set-up {setup:.0f} s (limit {TOTAL_BUDGET_S:.0f} s)"
+        f"  total {plan_seconds(parts):.0f} s + set-up {setup:.0f} s + margin {MARGIN_S:.0f} s "
+        f"(limit {TOTAL_BUDGET_S:.0f} s)"
     )
     return "\n".join(lines)
 

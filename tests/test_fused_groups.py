@@ -506,3 +506,17 @@ def test_the_flops_criterion_counts_what_stacking_saves():
     tiny_plans = [plan_layer(2, 64, 64, 4, needs_input_grad=False)] * 3
     assert tiny_plans[0].forward == "sequential"  # X Aᵀ is formed, so it could be stacked
     assert not fusion.plan_fusion(tiny, tiny_plans).fused
+
+
+def test_describe_says_why_the_last_call_ran_alone_after_a_planned_apart_one():
+    _, ours = siblings()
+    x = torch.randn(2, 16)
+    sibling_step(ours, x)
+    sibling_step(ours, x)  # planned apart: the siblings' two rows move more bytes stacked
+    net = ours.base_model.model
+    assert not groups.group_of(net.a).fusion.fused
+    net.b.fuse = False
+    sibling_step(ours, x)
+    rows = {r.name.rpartition(".")[2]: r.detail for r in runlora.describe(ours, file=None)}
+    assert "the last call ran each alone" in rows["a"] and "fuse=False" in rows["a"]
+    assert "the plan runs them apart" not in rows["a"]

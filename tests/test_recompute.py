@@ -505,11 +505,70 @@ def test_checkpointed_attention_with_its_norm_outside_leaves_nothing_formed():
             attn = layer.self_attn
             attn.forward = functools.partial(checkpoint, attn.forward, use_reentrant=False)
     batch = text_batch()
-    _, loss, grads = _step(model, batch)
+    model.train()
+    torch.manual_seed(1)
+    loss = loss_of(model, batch)  # kept, and with it the graph's recipes
+    recipes = [o for o in gc.get_objects() if isinstance(o, Recipe) and o.claims > 0]
+    loss.backward()
+    assert recipes and all(r._formed is None for r in recipes)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     _, loss_ref, grads_ref = _step(ref, batch)
-    assert torch.equal(loss, loss_ref)
+    assert torch.equal(loss.detach(), loss_ref)
     for name, g in grads_ref.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
-    gc.collect()
-    recipes = [o for o in gc.get_objects() if isinstance(o, Recipe)]
-    assert recipes and all(r._formed is None for r in recipes)
+
+
+def test_compiled_autograd_forms_the_input_for_each_op():
+    from torch._dynamo import compiled_autograd
+
+    def grads(mark, compiled):
+        leaf, _, _, ab, loss = _three_readers(mark=mark)
+        if compiled:
+            with compiled_autograd._enable(torch.compile(backend="eager")):
+                loss.backward()
+        else:
+            loss.backward()
+        return [leaf.grad] + [t.grad for pair in ab for t in pair]
+
+    for got, want in zip(grads(True, True), grads(False, False), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_backward_that_raises_does_not_stop_the_next_one_letting_go():
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("boom")
+
+    h = torch.randn(8, 6, requires_grad=True) * 1.5
+    x = torch.tanh(h)
+    mark_remake(x, torch.tanh, (h,))
+    other = torch.randn(3, requires_grad=True)
+    boom = Boom.apply(other * 2)  # recorded before the readers: its backward runs after theirs
+    ab = [(torch.randn(2, 6, requires_grad=True), torch.randn(5, 2)) for _ in range(3)]
+    ys = [runlora.lora_linear(x, torch.randn(5, 6), a, b) for a, b in ab]
+    recipe = remake_of(x).recipe
+    with pytest.raises(RuntimeError, match="boom"):  # after the first reader took x
+        torch.autograd.grad(ys[0].sum() + boom.sum(), [ab[0][0], other])
+    assert recipe.claims == 2  # the failed backward's end never came: x is still formed
+    torch.autograd.grad(ys[1].sum(), [ab[1][0]])  # claims are left, and this backward ends
+    assert recipe.claims == 1 and recipe._formed is None
+
+
+def test_a_layer_norm_changed_in_place_after_forward_is_caught():
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(6)
+    recompute.enable(nn.Sequential(norm))
+    h = torch.randn(4, 6, requires_grad=True)
+    x = norm(h)
+    assert remake_of(x) is not None
+    a = torch.randn(2, 6, requires_grad=True)
+    y = runlora.lora_linear(x, torch.randn(3, 6), a, torch.randn(3, 2))
+    with torch.no_grad():
+        norm.weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y.sum(), [a])  # never reaches the norm's own backward

@@ -236,7 +236,7 @@ def _run_group(group: SharedInputGroup, x: Tensor) -> Tensor | None:
     for m in members:
         why = _why_alone(m)
         if why is not None:
-            group.skipped = f"{type(m).__name__} has {why}"
+            group.skipped, group.fusion = f"{type(m).__name__} has {why}", None
             return None
     group.skipped = None
     names = [m.plain_adapter() for m in members]

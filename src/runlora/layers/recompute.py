@@ -61,15 +61,16 @@ def _rms_forward(module: nn.Module, eps_attr: str, hidden_states: Tensor) -> Ten
     return y
 
 
-def _layer_norm_remake(x: Tensor, shape, weight, bias, eps: float) -> Tensor:
+def _layer_norm_remake(x: Tensor, weight, bias, shape, eps: float) -> Tensor:
     return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)
 
 
-def _layer_norm_forward(module: nn.LayerNorm, eps_attr: str, x: Tensor) -> Tensor:
-    args = (module.normalized_shape, module.weight, module.bias, module.eps)
-    y = _layer_norm_remake(x, *args)
+def _layer_norm_forward(module: nn.LayerNorm, attr: str, x: Tensor) -> Tensor:
+    # weight and bias go with the saved tensors: autograd then checks them for in-place changes
+    tensors, args = (x, module.weight, module.bias), (module.normalized_shape, module.eps)
+    y = _layer_norm_remake(*tensors, *args)
     if x.requires_grad and _marking(module):
-        mark_remake(y, _layer_norm_remake, (x,), args)
+        mark_remake(y, _layer_norm_remake, tensors, args)
     return y
 
 

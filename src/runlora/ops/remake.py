@@ -68,20 +68,21 @@ class Remake:
 class Recipe:
     """How x is formed again, ``fn(*tensors, *args)`` bitwise, shared by the ops that read x.
 
-    In a backward (without ``create_graph``) the first claimant forms x and the others take that
-    same tensor while they still have a claim; it is let go after the last claim, and in any
-    case when that backward ends (a partial backward, or a checkpointed recompute that claimed
-    again, leaves claims that never come).
+    In a backward (without ``create_graph``, not compiled) the first claimant forms x and the
+    others take that same tensor while they still have a claim; it is let go after the last
+    claim, or else when that backward ends (a partial backward, or a checkpointed recompute that
+    claimed again, leaves claims that never come; a backward that raises keeps it until the next
+    backward through the graph ends, or the graph is freed).
     """
 
-    __slots__ = ("fn", "args", "claims", "_formed", "_formed_from", "_release_queued")
+    __slots__ = ("fn", "args", "claims", "_formed", "_formed_from", "_release_task")
 
     def __init__(self, fn: Callable[..., Tensor], args: tuple) -> None:
         self.fn, self.args = fn, args
         self.claims = 0  # ops whose backward will still ask for x
         self._formed: Tensor | None = None  # x as the first of them formed it
         self._formed_from: tuple | None = None
-        self._release_queued = False
+        self._release_task = -1  # the backward whose end lets x go
 
     @property
     def name(self) -> str:
@@ -94,16 +95,18 @@ class Recipe:
         """x again, for one claimant's backward, formed from ``tensors`` (its saved tensors) or
         taken from an earlier claimant that formed it from the very same ones."""
         self.claims -= 1
-        if torch.is_grad_enabled() or torch._C._current_graph_task_id() == -1:
-            return self(*tensors)  # create_graph (x needs its graph) or outside a backward
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        task = torch._C._current_graph_task_id()
+        if torch.is_grad_enabled() or task == -1 or torch.compiler.is_compiling():
+            # create_graph (x needs its graph), outside a backward, or compiled autograd
+            return self(*tensors)
+        key = tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
         formed = self._formed if key == self._formed_from else None
         if formed is None:
             formed = self(*tensors)
         if self.claims > 0:
             self._formed, self._formed_from = formed, key
-            if not self._release_queued:
-                self._release_queued = True
+            if self._release_task != task:  # once per backward (one that raised never ends)
+                self._release_task = task
                 torch.autograd.Variable._execution_engine.queue_callback(self._release)
         else:
             self._formed = self._formed_from = None
@@ -112,7 +115,7 @@ class Recipe:
     def _release(self) -> None:
         """At the end of the backward that cached x: let it go whatever claims are left."""
         self._formed = self._formed_from = None
-        self._release_queued = False
+        self._release_task = -1
 
     def __repr__(self) -> str:
         return f"Recipe({self.name}, {self.claims} claims)"
