@@ -57,8 +57,11 @@ class Remake:
         return self.recipe(*tensors)
 
     def claim(self) -> Recipe:
-        """An op saved ``self.tensors`` and will ``take`` x in its backward: its recipe."""
-        self.recipe.claims += 1
+        """An op saved ``self.tensors`` and will ``take`` x in its backward: its recipe. A
+        forward run inside a backward (a checkpoint's recompute, whose graph only lends its
+        saved tensors to the nodes of the first forward) does not count."""
+        if torch._C._current_graph_task_id() == -1:
+            self.recipe.claims += 1
         return self.recipe
 
     def __repr__(self) -> str:
