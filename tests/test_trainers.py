@@ -110,6 +110,18 @@ def assert_all_ran_runlora(model, calls: dict[int, int], at_least: int) -> None:
     assert rows and all(r.engine == "runlora" and "PEFT's forward" not in r.detail for r in rows)
 
 
+def assert_fused(model) -> None:
+    """q_proj and v_proj read one input: by default they run as one fused op (from the step
+    after the first backward, under checkpointing)."""
+    rows = {r.name: r.detail for r in runlora.describe(model, file=None)}
+    q_rows = [d for n, d in rows.items() if n.endswith("q_proj")]
+    assert q_rows and all(d.endswith("fused with v_proj") for d in q_rows), q_rows
+    for name, layer in model.named_modules():
+        if name.endswith("q_proj") and is_accelerated(layer):
+            fusion = runlora.layers.groups.group_of(layer).fusion
+            assert fusion is not None and fusion.fused, (name, fusion)  # it ran, fused
+
+
 def logged_losses(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
@@ -185,6 +197,7 @@ def test_sft_trainer_trains_like_peft_saves_adapters_and_resumes(
     trainer = sft_trainer(how, tmp_path / "run", tokenizer)  # gradient checkpointing on (TRL's)
     trainer.train()
     assert_all_ran_runlora(trainer.model, op_calls, at_least=STEPS)
+    assert_fused(trainer.model)
     losses = logged_losses(trainer)
     assert len(losses) == STEPS
     torch.testing.assert_close(losses, peft_sft_losses, **LOSS_TOL)
@@ -220,6 +233,7 @@ def test_sft_trainer_without_checkpointing_recomputes_lora_inputs(
     torch.testing.assert_close(logged_losses(trainer), peft_sft_losses, **LOSS_TOL)
     details = [r.detail for r in runlora.describe(trainer.model, file=None)]
     assert any("input recomputed" in d for d in details), details
+    assert_fused(trainer.model)
 
 
 def test_sft_trainer_with_dora_runs_runlora_dora_like_peft(tokenizer, op_calls, tmp_path):
