@@ -383,6 +383,24 @@ def test_random_shapes_and_orders(
     check_reference(inputs, seed, plan=plan, dropout=dropout)
 
 
+def test_a_row_whose_update_cancels_its_weight_stays_finite_and_within_precision():
+    """bf16, in_features = 1: row 5 of W and of s·B A cancel to 1 % of their size (κ ≈ 5400),
+    so the factored n² is all round-off; it is floored at the round-off's size, not zero (a
+    NaN output before, found by the random test above)."""
+    torch.manual_seed(0)
+    inputs = make_inputs((3, 3, 21, 1), 10, 8, dtype=torch.bfloat16, x_grad=False,
+                         a_grad=False, b_grad=False, m_grad=False)  # fmt: skip
+    n = dora.weight_norms(inputs.weight, inputs.lora_a, inputs.lora_b, inputs.scaling)
+    assert torch.isfinite(n).all() and (n > 0).all()
+    plan = DoRAPlan(lora=Plan("merged", "recompute_split"), norm="factored")
+    y = check_reference(inputs, 0, plan=plan)
+    assert torch.isfinite(y).all()
+    w = torch.tensor([[2.0], [-3.0]], dtype=torch.bfloat16)  # W + s·B A = 0 exactly
+    a, b = torch.ones(1, 1, dtype=torch.bfloat16), torch.tensor([[-2.0], [3.0]]).bfloat16()
+    n = dora.weight_norms(w, a, b, 1.0)
+    assert torch.isfinite(n).all() and (n > 0).all() and (n < 0.05).all()
+
+
 # --- against PEFT's own DoRA layer --------------------------------------------------------------
 
 

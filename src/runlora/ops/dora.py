@@ -116,8 +116,14 @@ def _factored_norms(w, a, b, s: float, source: Tensor | None) -> Tensor:
     a32, b32 = a.detach().to(acc), b.detach().to(acc)
     cross = (b32 * wa).sum(1)
     quad = ((b32 @ (a32 @ a32.t())) * b32).sum(1)  # (out,)
-    n2 = _squared_row_norms(w, acc, source) + (2.0 * s) * cross + (s * s) * quad
-    return n2.clamp_(min=0.0).sqrt_()  # a tiny negative from round-off is a zero norm
+    w2 = _squared_row_norms(w, acc, source)
+    n2 = w2 + (2.0 * s) * cross + (s * s) * quad
+    # Where a row of W and of s·B A nearly cancel, the round-off of the terms (W Aᵀ comes out
+    # in w's dtype) is as large as n² itself and can leave it at or below 0: the norm is known
+    # there only to about eps·T, T² the terms' size. Floor it there instead of dividing by 0.
+    eps = torch.finfo(w.dtype).eps
+    t2 = w2 + (2.0 * abs(s)) * (b32.abs() * wa.abs()).sum(1) + (s * s) * quad
+    return torch.maximum(n2, t2.mul_(eps * eps)).sqrt_()
 
 
 def weight_norms(
