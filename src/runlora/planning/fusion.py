@@ -7,7 +7,7 @@ fused op stacks the skinny products on x (one read of x per stacked product inst
 sums dX in place (no K - 1 autograd sums), while stacking two or more A_k costs a copy of them.
 The group fuses when the fused cost has no more FLOPs and moves no more bytes: stacking never
 adds FLOPs, so this is a byte count, and the skinny products it saves are the memory-bound ones
-(measured on CPU: the fused op is 3-10 % faster than K ops on Llama's q/k/v and gate/up,
+(measured on CPU: the fused op is 2-10 % faster than K ops on Llama's q/k/v and gate/up,
 ``benchmarks/fused_op.py``).
 
 The call depends on the shapes and plans only: every criterion, device and rank makes the same
