@@ -445,17 +445,27 @@ def _fused_problem(n=1024, d=64, outs=(64, 64, 64), r=4, grad=True):
     return FusedProblem(parts)
 
 
-def test_the_call_is_remembered_and_the_same_for_every_criterion():
-    from runlora.planning import fusion, plan_layer
-    from runlora.planning.planner import clear_plan_memo
+def test_a_group_remembers_its_calls(monkeypatch):
+    from runlora.planning import fusion
 
-    problem = _fused_problem()
-    plans = [plan_layer(1024, 64, 64, 4)] * 3
-    decision = fusion.plan_fusion(problem, plans)
+    calls = []
+    real = groups.plan_fusion
+    base = llama()
+    model = runlora.from_peft(peft.get_peft_model(copy.deepcopy(base), config()))
+    batch = text_batch()
+    step(model, batch)  # finds the groups
+    monkeypatch.setattr(groups, "plan_fusion", lambda *a: calls.append(1) or real(*a))
+    for _ in range(3):
+        step(model, batch)
+    assert len(calls) == 2 * BLOCKS  # once per group, then from the group's memory
+    decision = fusion.plan_fusion(_fused_problem(), [fusion_plan()] * 3)
     assert decision.fused and "MiB moved fused" in decision.reason
-    assert fusion.plan_fusion(problem, plans) is decision
-    clear_plan_memo()
-    assert fusion.plan_fusion(problem, plans) is not decision
+
+
+def fusion_plan():
+    from runlora.planning import plan_layer
+
+    return plan_layer(1024, 64, 64, 4)
 
 
 @pytest.mark.parametrize("criterion", ["roofline", "time"])

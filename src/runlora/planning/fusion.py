@@ -12,7 +12,8 @@ adds FLOPs, so this is a byte count, and the skinny products it saves are the me
 
 The call depends on the shapes and plans only: every criterion, device and rank makes the same
 one, and nothing is measured inside a model's forward (where activation checkpointing would see
-the measurement's autograd) or backward.
+the measurement's autograd) or backward. It is a few dozen multiplications; a group remembers
+its own calls (``runlora.layers.groups``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,7 @@ from collections.abc import Sequence
 from ..ops.fused_variants import FusedProblem, fused_cost, unfused_cost
 from ..ops.plan import Plan
 
-__all__ = ["Fusion", "plan_fusion", "clear_fusion_memo"]
-
-_MEMO: dict[tuple, Fusion] = {}
-_MEMO_MAX = 4096
+__all__ = ["Fusion", "plan_fusion"]
 
 
 class Fusion:
@@ -42,21 +40,7 @@ class Fusion:
 
 def plan_fusion(problem: FusedProblem, plans: Sequence[Plan]) -> Fusion:
     """Fused op or K separate ops for ``problem``, projection k run by ``plans[k]``."""
-    key = (problem, tuple(plans))
-    hit = _MEMO.get(key)
-    if hit is None:
-        if len(_MEMO) >= _MEMO_MAX:
-            _MEMO.clear()
-        hit = _MEMO[key] = _decide(problem, key[1])
-    return hit
-
-
-def clear_fusion_memo() -> None:
-    """Forget every decision (``runlora.planning.clear_plan_memo`` calls it too)."""
-    _MEMO.clear()
-
-
-def _decide(problem: FusedProblem, plans: tuple[Plan, ...]) -> Fusion:
+    plans = tuple(plans)
     fused, apart = fused_cost(problem, plans), unfused_cost(problem, plans)
     f_key, a_key = (fused.flops, fused.bytes()), (apart.flops, apart.bytes())
     if fused.flops != apart.flops:

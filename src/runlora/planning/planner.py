@@ -22,7 +22,6 @@ from ..ops.plan import Plan
 from ..ops.variants import Problem
 from .cache import default_cache
 from .criteria import CRITERIA, register_criterion
-from .fusion import clear_fusion_memo
 from .request import PlanRequest, bucket_tokens
 from .scoring import candidates
 
@@ -193,11 +192,9 @@ def _remember(key: tuple, plan: Plan) -> Plan:
 
 
 def clear_plan_memo() -> None:
-    """Forget the in-process plans (the next call of each shape plans, or reads the cache), and
-    the shared-input groups' fusion decisions."""
+    """Forget the in-process plans (the next call of each shape plans, or reads the cache)."""
     _SEEN.clear()
     _memo_plan.cache_clear()
-    clear_fusion_memo()
 
 
 def install_plans(
